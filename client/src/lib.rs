@@ -1,0 +1,1 @@
+//! The `ballast` client: CLI commands, typed control-plane client, NBD client and benchmark harness.

@@ -1,0 +1,142 @@
+//! Engine settings and the options chosen when a volume is created.
+
+use crate::io::{BackendChoice, DiskIo};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// One pool disk as the operator names it.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    /// Size of the sparse file to create when `path` does not exist.
+    pub create_size: Option<u64>,
+}
+
+/// Opens a disk instead of the real I/O backend (crash-simulation tests).
+pub type DiskOpener = Arc<dyn Fn(&DiskSpec) -> std::io::Result<Arc<dyn DiskIo>> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Folder holding the metadata store (`meta/`).
+    pub data_dir: PathBuf,
+    /// Disks to use. Disks already in the pool are reopened from the pool's
+    /// own list; disks named here and not yet in the pool are formatted and added.
+    pub disks: Vec<DiskSpec>,
+    pub backend: BackendChoice,
+    /// Segment size for newly created pools (power of two, 1–64 MiB).
+    pub segment_size: u32,
+    /// Metadata store block cache.
+    pub meta_cache_bytes: u64,
+    /// Commit at least this often when there are unflushed writes, so crash
+    /// loss and recovery work stay bounded even for clients that never flush.
+    pub commit_interval: std::time::Duration,
+    /// Run the background space cleaner.
+    pub cleaner: bool,
+    /// Test hook: open disks through this instead of the I/O backend.
+    pub disk_opener: Option<DiskOpener>,
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> EngineConfig {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            disks: Vec::new(),
+            backend: BackendChoice::Auto,
+            segment_size: 4 << 20,
+            meta_cache_bytes: 64 << 20,
+            commit_interval: std::time::Duration::from_secs(1),
+            cleaner: true,
+            disk_opener: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Lz4,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "lz4" => Ok(Compression::Lz4),
+            "none" | "off" => Ok(Compression::None),
+            other => Err(format!("unknown compression \"{other}\": use lz4 or none")),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VolumeOptions {
+    pub size: u64,
+    pub block_size: u32,
+    pub dedup: bool,
+    pub compression: Compression,
+}
+
+impl VolumeOptions {
+    pub fn new(size: u64) -> VolumeOptions {
+        VolumeOptions {
+            size,
+            block_size: 4096,
+            dedup: true,
+            compression: Compression::Lz4,
+        }
+    }
+}
+
+/// What a caller sees of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VolumeInfo {
+    pub id: u32,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub dedup: bool,
+    pub compression: Compression,
+    pub read_only: bool,
+    /// For snapshots: the volume it was taken of. For clones: the snapshot.
+    pub parent: Option<String>,
+    pub mapped_bytes: u64,
+    pub generation: u64,
+    pub created_unix: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DiskStats {
+    pub disk_id: u32,
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub segments_total: u64,
+    pub segments_used: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeStats {
+    pub node_id: String,
+    pub pool_id: String,
+    pub io_backend: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub logical_bytes: u64,
+    pub unique_bytes: u64,
+    pub stored_bytes: u64,
+    pub metadata_bytes: u64,
+    pub dedup_ratio: f64,
+    pub compression_ratio: f64,
+    pub checksum_errors: u64,
+    pub disks: Vec<DiskStats>,
+}

@@ -1,0 +1,40 @@
+//! Ballast storage engine: a node's pool of disks turned into thin,
+//! deduplicated, compressed, checksummed block volumes. No networking here.
+//!
+//! Module map, from the disk up:
+//! - [`io`]: data-disk I/O behind one seam — io_uring, a thread-pool
+//!   fallback, and a crash-simulating disk for tests.
+//! - `superblock`: the versioned, checksummed header of each pool disk.
+//! - `pool`: the disks of a pool and the allocation of their segments.
+//! - `record`: the on-disk record (header, crc32, lz4 or raw payload).
+//! - `segment`: the writer that packs records into append-only segments.
+//! - `key`: block identities (blake3 + nonce) and metadata key encodings.
+//! - `meta`: the fjall metadata store (block maps, record index, segments).
+//! - `state`: the in-memory overlay of uncommitted metadata changes.
+//! - `engine`: opening/recovery, group commit, control operations, stats.
+//! - `volume`: the read and write paths of one volume.
+//! - `cleaner`: space reclamation.
+//!
+//! docs/ARCHITECTURE.md describes the formats and the crash-recovery argument.
+
+mod cleaner;
+mod config;
+mod engine;
+mod error;
+pub mod io;
+mod key;
+mod meta;
+mod pool;
+mod record;
+mod segment;
+mod state;
+mod superblock;
+mod volume;
+
+pub use config::{
+    Compression, DiskOpener, DiskSpec, DiskStats, EngineConfig, NodeStats, VolumeInfo,
+    VolumeOptions,
+};
+pub use engine::{validate_name, Engine};
+pub use error::{EngineError, Result};
+pub use volume::{EngineFuture, Extent, ReadData, Volume, MAX_IO};

@@ -1,0 +1,198 @@
+//! The metadata store: fjall keyspaces and the persisted forms of pool,
+//! volume and counter records. Every change reaches fjall through one atomic
+//! batch per commit (see `commit`), never piecemeal.
+
+use crate::config::Compression;
+use crate::error::{EngineError, Result};
+use crate::key::{BlockKey, RecordMeta, SegmentId};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use std::path::Path;
+
+pub(crate) struct Meta {
+    pub db: Database,
+    /// volume id (u32 BE) -> VolumeRecord (JSON)
+    pub volumes: Keyspace,
+    /// map_key(volume, lba) -> BlockKey
+    pub blocks: Keyspace,
+    /// BlockKey -> RecordMeta
+    pub records: Keyspace,
+    /// SegmentId -> SegmentRecord
+    pub segments: Keyspace,
+    /// "pool", "counters" -> JSON
+    pub misc: Keyspace,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DiskRecord {
+    pub disk_id: u32,
+    pub path: std::path::PathBuf,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PoolRecord {
+    pub pool_id: [u8; 16],
+    pub node_id: [u8; 16],
+    pub segment_size: u32,
+    pub disks: Vec<DiskRecord>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VolumeRecord {
+    pub id: u32,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub dedup: bool,
+    pub compression: Compression,
+    pub read_only: bool,
+    pub parent: Option<String>,
+    pub created_unix: u64,
+    pub generation: u64,
+    pub mapped_blocks: u64,
+}
+
+/// Node-wide totals kept exact across commits.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// Sum of raw lengths of live records.
+    pub unique_bytes: u64,
+    /// Sum of on-disk footprints (header + payload) of live records.
+    pub stored_bytes: u64,
+    pub records: u64,
+    pub next_nonce: u64,
+    pub next_volume_id: u32,
+}
+
+/// Persisted per-segment usage. Free segments have no entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentRecord {
+    pub live_bytes: u64,
+    pub written_bytes: u32,
+}
+
+impl SegmentRecord {
+    pub fn encode(&self) -> [u8; 12] {
+        let mut b = [0u8; 12];
+        b[..8].copy_from_slice(&self.live_bytes.to_le_bytes());
+        b[8..].copy_from_slice(&self.written_bytes.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<SegmentRecord> {
+        if b.len() != 12 {
+            return None;
+        }
+        Some(SegmentRecord {
+            live_bytes: u64::from_le_bytes(b[..8].try_into().ok()?),
+            written_bytes: u32::from_le_bytes(b[8..].try_into().ok()?),
+        })
+    }
+}
+
+impl Meta {
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Meta> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            EngineError::io(format!("creating metadata folder {}", dir.display()), e)
+        })?;
+        let db = Database::builder(dir)
+            .cache_size(cache_bytes)
+            .manual_journal_persist(true)
+            .max_journaling_size(256 << 20)
+            .open()
+            .map_err(|e| {
+                EngineError::Meta(format!("opening metadata store {}: {e}", dir.display()))
+            })?;
+        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        Ok(Meta {
+            volumes: ks("volumes")?,
+            blocks: ks("blocks")?,
+            records: ks("records")?,
+            segments: ks("segments")?,
+            misc: ks("misc")?,
+            db,
+        })
+    }
+
+    pub fn persist(&self) -> Result<()> {
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.misc.get(key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| EngineError::CorruptMeta(format!("{key}: {e}"))),
+        }
+    }
+
+    pub fn block(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
+        match self.blocks.get(crate::key::map_key(volume, lba))? {
+            None => Ok(None),
+            Some(v) => BlockKey::decode(&v)
+                .map(Some)
+                .ok_or_else(|| EngineError::CorruptMeta(format!("block map entry {volume}/{lba}"))),
+        }
+    }
+
+    pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+        match self.records.get(key.encode())? {
+            None => Ok(None),
+            Some(v) => RecordMeta::decode(&v)
+                .map(Some)
+                .ok_or_else(|| EngineError::CorruptMeta("record index entry".into())),
+        }
+    }
+
+    /// Committed block-map entries of `volume` in `[lba_start, lba_end)`.
+    pub fn block_range(
+        &self,
+        volume: u32,
+        lba_start: u64,
+        lba_end: u64,
+    ) -> Result<Vec<(u64, BlockKey)>> {
+        let mut out = Vec::new();
+        let lo = crate::key::map_key(volume, lba_start);
+        let hi = crate::key::map_key(volume, lba_end);
+        for kv in self.blocks.range(lo..hi) {
+            let (k, v) = kv.into_inner()?;
+            let (_, lba) = crate::key::decode_map_key(&k)
+                .ok_or_else(|| EngineError::CorruptMeta("block map key".into()))?;
+            let key = BlockKey::decode(&v)
+                .ok_or_else(|| EngineError::CorruptMeta("block map value".into()))?;
+            out.push((lba, key));
+        }
+        Ok(out)
+    }
+
+    pub fn load_segments(&self) -> Result<Vec<(SegmentId, SegmentRecord)>> {
+        let mut out = Vec::new();
+        for kv in self.segments.iter() {
+            let (k, v) = kv.into_inner()?;
+            let id = SegmentId::decode(&k)
+                .ok_or_else(|| EngineError::CorruptMeta("segment key".into()))?;
+            let rec = SegmentRecord::decode(&v)
+                .ok_or_else(|| EngineError::CorruptMeta("segment value".into()))?;
+            out.push((id, rec));
+        }
+        Ok(out)
+    }
+
+    pub fn load_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let mut out = Vec::new();
+        for kv in self.volumes.iter() {
+            let (_, v) = kv.into_inner()?;
+            out.push(
+                serde_json::from_slice(&v)
+                    .map_err(|e| EngineError::CorruptMeta(format!("volume record: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn disk_space(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+}

@@ -1,0 +1,233 @@
+//! The segment writer: records are packed densely into an in-memory image of
+//! the open segment and streamed to disk in large aligned writes.
+//!
+//! Full pages go out in the background once 1 MiB has accumulated; a commit
+//! pads the open segment to the next 4 KiB page and writes the tail, so no
+//! page that a commit made durable is ever written again (no torn rewrite of
+//! flushed data). A segment's image stays in memory until every write of it
+//! has completed, and reads of its records are served from that image.
+
+use crate::error::{EngineError, Result};
+use crate::io::{AlignedBuf, IO_ALIGN};
+use crate::key::SegmentId;
+use crate::pool::{PoolDisk, Space};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+
+const STREAM_CHUNK: usize = 1 << 20;
+
+pub(crate) struct SegImage {
+    pub id: SegmentId,
+    buf: AlignedBuf,
+    pub fill: usize,
+    issued: usize,
+    outstanding: Arc<AtomicUsize>,
+}
+
+pub(crate) struct Writer {
+    pub open: Option<SegImage>,
+    sealed: Vec<SegImage>,
+    pending: Vec<JoinHandle<std::io::Result<()>>>,
+    dirty_disks: BTreeSet<u32>,
+    /// Segments whose written length changed since the last commit.
+    pub written: HashMap<SegmentId, u32>,
+    segment_size: usize,
+}
+
+fn align_up(v: usize) -> usize {
+    v.div_ceil(IO_ALIGN) * IO_ALIGN
+}
+
+fn align_down(v: usize) -> usize {
+    v / IO_ALIGN * IO_ALIGN
+}
+
+/// Where a record landed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Placed {
+    pub segment: SegmentId,
+    pub offset: u32,
+}
+
+impl Writer {
+    pub fn new(segment_size: u32) -> Writer {
+        Writer {
+            open: None,
+            sealed: Vec::new(),
+            pending: Vec::new(),
+            dirty_disks: BTreeSet::new(),
+            written: HashMap::new(),
+            segment_size: segment_size as usize,
+        }
+    }
+
+    /// Images still held in memory (open + sealed with writes in flight).
+    pub fn images_in_memory(&self) -> usize {
+        self.sealed.len() + usize::from(self.open.is_some())
+    }
+
+    /// Reserve `len` bytes in the open segment (opening a new one when it does
+    /// not fit) and let `fill` write the record there.
+    pub fn append(
+        &mut self,
+        len: usize,
+        space: &parking_lot::Mutex<Space>,
+        disks: &[Arc<PoolDisk>],
+        rt: &tokio::runtime::Handle,
+        use_reserve: bool,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<Placed> {
+        if len > self.segment_size {
+            return Err(EngineError::InvalidArgument(format!(
+                "record of {len} bytes does not fit a segment of {} bytes",
+                self.segment_size
+            )));
+        }
+        self.prune();
+        let fits = self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.fill + len <= self.segment_size);
+        if !fits {
+            let id = space
+                .lock()
+                .allocate(use_reserve)
+                .ok_or(EngineError::NoSpace)?;
+            if let Some(old) = self.open.take() {
+                self.seal(old, disks, rt, space);
+            }
+            self.open = Some(SegImage {
+                id,
+                buf: AlignedBuf::zeroed(self.segment_size),
+                fill: 0,
+                issued: 0,
+                outstanding: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        let open = self
+            .open
+            .as_mut()
+            .expect("open segment exists after allocation");
+        let offset = open.fill;
+        fill(&mut open.buf[offset..offset + len]);
+        open.fill += len;
+        let placed = Placed {
+            segment: open.id,
+            offset: offset as u32,
+        };
+        if open.fill - open.issued >= STREAM_CHUNK {
+            let upto = align_down(open.fill);
+            self.issue(upto, disks, rt);
+        }
+        Ok(placed)
+    }
+
+    /// Write `[issued, upto)` of the open segment.
+    fn issue(&mut self, upto: usize, disks: &[Arc<PoolDisk>], rt: &tokio::runtime::Handle) {
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        if let Some(h) = issue_range(open, upto, disks, rt, self.segment_size as u32) {
+            self.pending.push(h);
+            self.dirty_disks.insert(open.id.disk);
+            self.written.insert(open.id, open.issued as u32);
+        }
+    }
+
+    fn seal(
+        &mut self,
+        mut img: SegImage,
+        disks: &[Arc<PoolDisk>],
+        rt: &tokio::runtime::Handle,
+        space: &parking_lot::Mutex<Space>,
+    ) {
+        let upto = align_up(img.fill);
+        if let Some(h) = issue_range(&mut img, upto, disks, rt, self.segment_size as u32) {
+            self.pending.push(h);
+            self.dirty_disks.insert(img.id.disk);
+        }
+        self.written.insert(img.id, img.issued as u32);
+        if let Some(info) = space.lock().used.get_mut(&img.id) {
+            info.state = crate::pool::SegState::Sealed;
+            info.written = img.issued as u32;
+        }
+        self.sealed.push(img);
+    }
+
+    /// Drop images whose writes have all completed.
+    fn prune(&mut self) {
+        self.sealed
+            .retain(|s| s.outstanding.load(Ordering::Acquire) > 0);
+    }
+
+    /// Copy `out.len()` bytes at `offset` of `segment` if its image is in memory.
+    pub fn copy_out(&self, segment: SegmentId, offset: usize, out: &mut [u8]) -> bool {
+        let img = self
+            .open
+            .iter()
+            .chain(self.sealed.iter())
+            .find(|i| i.id == segment);
+        match img {
+            Some(i) if offset + out.len() <= i.buf.len() => {
+                out.copy_from_slice(&i.buf[offset..offset + out.len()]);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Segments whose image is still in memory.
+    pub fn held_ids(&self) -> std::collections::HashSet<SegmentId> {
+        self.open
+            .iter()
+            .chain(self.sealed.iter())
+            .map(|i| i.id)
+            .collect()
+    }
+
+    /// Start a commit: pad the open segment to a page boundary and write its
+    /// tail. Returns the writes to await and the disks to sync.
+    pub fn prepare_commit(
+        &mut self,
+        disks: &[Arc<PoolDisk>],
+        rt: &tokio::runtime::Handle,
+    ) -> (Vec<JoinHandle<std::io::Result<()>>>, BTreeSet<u32>) {
+        if let Some(open) = self.open.as_mut() {
+            let padded = align_up(open.fill);
+            // The padding is already zero: images start zeroed and are append-only.
+            open.fill = padded;
+            self.issue(padded, disks, rt);
+        }
+        (
+            std::mem::take(&mut self.pending),
+            std::mem::take(&mut self.dirty_disks),
+        )
+    }
+}
+
+fn issue_range(
+    img: &mut SegImage,
+    upto: usize,
+    disks: &[Arc<PoolDisk>],
+    rt: &tokio::runtime::Handle,
+    segment_size: u32,
+) -> Option<JoinHandle<std::io::Result<()>>> {
+    if upto <= img.issued {
+        return None;
+    }
+    let disk = disks.iter().find(|d| d.id == img.id.disk)?.clone();
+    let start = img.issued;
+    let mut chunk = AlignedBuf::zeroed(upto - start);
+    chunk.copy_from_slice(&img.buf[start..upto]);
+    img.issued = upto;
+    let at = disk.segment_offset(img.id.index, segment_size) + start as u64;
+    let outstanding = img.outstanding.clone();
+    outstanding.fetch_add(1, Ordering::AcqRel);
+    Some(rt.spawn(async move {
+        let (_, r) = disk.io.write_at(chunk, at).await;
+        outstanding.fetch_sub(1, Ordering::AcqRel);
+        r
+    }))
+}

@@ -1,0 +1,233 @@
+//! Uncommitted metadata: an overlay of block-map, record-index, segment-usage
+//! and counter changes above the committed metadata store.
+//!
+//! Writes change only the overlay (in memory, under one short lock that is
+//! never held across data I/O). A commit freezes the overlay, makes the data
+//! it references durable, then writes it to the metadata store in one atomic
+//! batch. Readers look in the live overlay, then the frozen one, then the store.
+
+use crate::error::{EngineError, Result};
+use crate::key::{BlockKey, RecordMeta, SegmentId};
+use crate::meta::{Counters, Meta};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+#[derive(Default)]
+pub(crate) struct Overlay {
+    pub blocks: HashMap<(u32, u64), Option<BlockKey>>,
+    pub records: HashMap<BlockKey, Option<RecordMeta>>,
+    pub seg_live: HashMap<SegmentId, i64>,
+    pub mapped: HashMap<u32, i64>,
+    pub unique: i64,
+    pub stored: i64,
+    pub record_count: i64,
+    /// Volumes whose record must be rewritten (data changed, created, resized).
+    pub touched: HashSet<u32>,
+    pub deleted_volumes: HashSet<u32>,
+    pub nonces_used: bool,
+}
+
+impl Overlay {
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+            && self.records.is_empty()
+            && self.touched.is_empty()
+            && self.deleted_volumes.is_empty()
+            && !self.nonces_used
+    }
+
+    pub fn entries(&self) -> usize {
+        self.blocks.len() + self.records.len()
+    }
+}
+
+pub(crate) struct State {
+    pub cur: Overlay,
+    pub committing: Option<Arc<Overlay>>,
+    pub committed: Counters,
+    pub next_nonce: u64,
+}
+
+/// Looks through the overlays to the store. Holds `&mut State`, so every
+/// read-modify-write below is atomic with respect to other writers.
+pub(crate) struct Txn<'a> {
+    pub st: &'a mut State,
+    pub meta: &'a Meta,
+}
+
+impl Txn<'_> {
+    pub fn block(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
+        if let Some(v) = self.st.cur.blocks.get(&(volume, lba)) {
+            return Ok(*v);
+        }
+        if let Some(c) = &self.st.committing {
+            if let Some(v) = c.blocks.get(&(volume, lba)) {
+                return Ok(*v);
+            }
+        }
+        self.meta.block(volume, lba)
+    }
+
+    pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+        if let Some(v) = self.st.cur.records.get(key) {
+            return Ok(*v);
+        }
+        if let Some(c) = &self.st.committing {
+            if let Some(v) = c.records.get(key) {
+                return Ok(*v);
+            }
+        }
+        self.meta.record(key)
+    }
+
+    /// Add a freshly written record (no references yet).
+    pub fn insert_record(&mut self, key: BlockKey, meta: RecordMeta) {
+        let fp = meta.footprint() as i64;
+        let cur = &mut self.st.cur;
+        cur.records
+            .insert(key, Some(RecordMeta { refs: 0, ..meta }));
+        *cur.seg_live.entry(meta.segment).or_default() += fp;
+        cur.unique += meta.raw_len as i64;
+        cur.stored += fp;
+        cur.record_count += 1;
+    }
+
+    /// Point a record that moved (cleaner) at its new place.
+    pub fn relocate(&mut self, key: BlockKey, old: RecordMeta, to: SegmentId, offset: u32) {
+        let fp = old.footprint() as i64;
+        let cur = &mut self.st.cur;
+        cur.records.insert(
+            key,
+            Some(RecordMeta {
+                segment: to,
+                offset,
+                ..old
+            }),
+        );
+        *cur.seg_live.entry(old.segment).or_default() -= fp;
+        *cur.seg_live.entry(to).or_default() += fp;
+    }
+
+    fn incref(&mut self, key: &BlockKey) -> Result<()> {
+        let mut m = self.record(key)?.ok_or_else(|| {
+            EngineError::CorruptMeta(format!("reference to missing record {}", hex(&key.hash)))
+        })?;
+        m.refs = m.refs.checked_add(1).ok_or_else(|| {
+            EngineError::FailedPrecondition("block referenced 4 billion times".into())
+        })?;
+        self.st.cur.records.insert(*key, Some(m));
+        Ok(())
+    }
+
+    fn decref(&mut self, key: &BlockKey) -> Result<()> {
+        let Some(mut m) = self.record(key)? else {
+            return Err(EngineError::CorruptMeta(format!(
+                "dropping a reference to missing record {}",
+                hex(&key.hash)
+            )));
+        };
+        m.refs = m.refs.saturating_sub(1);
+        let cur = &mut self.st.cur;
+        if m.refs == 0 {
+            let fp = m.footprint() as i64;
+            cur.records.insert(*key, None);
+            *cur.seg_live.entry(m.segment).or_default() -= fp;
+            cur.unique -= m.raw_len as i64;
+            cur.stored -= fp;
+            cur.record_count -= 1;
+        } else {
+            cur.records.insert(*key, Some(m));
+        }
+        Ok(())
+    }
+
+    /// Map (or unmap, with `None`) one block. The new record must exist.
+    pub fn set_block(&mut self, volume: u32, lba: u64, new: Option<BlockKey>) -> Result<()> {
+        let old = self.block(volume, lba)?;
+        if old == new {
+            return Ok(());
+        }
+        if let Some(k) = &new {
+            self.incref(k)?;
+        }
+        if let Some(k) = &old {
+            self.decref(k)?;
+        }
+        let cur = &mut self.st.cur;
+        cur.blocks.insert((volume, lba), new);
+        let d = i64::from(new.is_some()) - i64::from(old.is_some());
+        if d != 0 {
+            *cur.mapped.entry(volume).or_default() += d;
+        }
+        cur.touched.insert(volume);
+        Ok(())
+    }
+
+    /// Map a run of blocks at once. All new references are taken before any
+    /// old one is dropped, so content that moves between blocks of the same
+    /// batch never passes through a zero count.
+    pub fn set_blocks(&mut self, volume: u32, lba0: u64, keys: &[Option<BlockKey>]) -> Result<()> {
+        let mut dropped = Vec::new();
+        for (i, new) in keys.iter().enumerate() {
+            let lba = lba0 + i as u64;
+            let old = self.block(volume, lba)?;
+            if old == *new {
+                continue;
+            }
+            if let Some(k) = new {
+                self.incref(k)?;
+            }
+            if let Some(k) = old {
+                dropped.push(k);
+            }
+            let cur = &mut self.st.cur;
+            cur.blocks.insert((volume, lba), *new);
+            let d = i64::from(new.is_some()) - i64::from(old.is_some());
+            if d != 0 {
+                *cur.mapped.entry(volume).or_default() += d;
+            }
+        }
+        for k in &dropped {
+            self.decref(k)?;
+        }
+        self.st.cur.touched.insert(volume);
+        Ok(())
+    }
+
+    pub fn take_nonces(&mut self, n: u64) -> u64 {
+        let first = self.st.next_nonce;
+        self.st.next_nonce += n;
+        self.st.cur.nonces_used = true;
+        first
+    }
+
+    /// Every mapped block of `volume` in `[start, end)`, overlays applied.
+    pub fn mapped_range(&self, volume: u32, start: u64, end: u64) -> Result<Vec<(u64, BlockKey)>> {
+        let mut m: std::collections::BTreeMap<u64, Option<BlockKey>> = self
+            .meta
+            .block_range(volume, start, end)?
+            .into_iter()
+            .map(|(l, k)| (l, Some(k)))
+            .collect();
+        let layers = self
+            .st
+            .committing
+            .iter()
+            .map(|c| &**c)
+            .chain(std::iter::once(&self.st.cur));
+        for ov in layers {
+            for (&(v, lba), k) in &ov.blocks {
+                if v == volume && lba >= start && lba < end {
+                    m.insert(lba, *k);
+                }
+            }
+        }
+        Ok(m.into_iter()
+            .filter_map(|(l, k)| k.map(|k| (l, k)))
+            .collect())
+    }
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().take(8).map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,803 @@
+//! Volumes: the read and write paths of one block device.
+//!
+//! Write path: split into blocks, hash each (blake3), drop all-zero blocks to
+//! holes, look the hash up (dedup volumes), compress the new ones (lz4) and
+//! append them to the open segment, then install the block-map changes in the
+//! overlay under one short lock. All of that happens synchronously when
+//! `write` is called, so writes take effect in call order; the returned
+//! future only waits for back-pressure and, with FUA, for the commit.
+//!
+//! Read path: resolve block keys and record locations (overlay, then store),
+//! serve records still in a segment image from memory, and read the rest with
+//! one aligned I/O per run of nearby records, checking every record's crc.
+
+use crate::config::{Compression, VolumeInfo};
+use crate::engine::{Engine, Inner};
+use crate::error::{EngineError, Result};
+use crate::io::{AlignedBuf, IO_ALIGN};
+use crate::key::{BlockKey, RecordMeta};
+use crate::meta::VolumeRecord;
+use crate::record::{self, HEADER_LEN};
+use crate::state::Txn;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub type EngineFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
+
+/// Largest single read or write the engine accepts (the NBD payload cap).
+pub const MAX_IO: u64 = 32 << 20;
+/// Records closer than this on disk are fetched with one read.
+const COALESCE_GAP: u64 = 64 << 10;
+/// Unmaps hold the state lock for at most this many blocks at a time.
+const UNMAP_CHUNK: u64 = 64 * 1024;
+
+pub(crate) struct VolumeShared {
+    pub id: u32,
+    pub name: String,
+    pub block_size: u32,
+    pub dedup: bool,
+    pub compression: Compression,
+    pub read_only: bool,
+    pub parent: Option<String>,
+    pub created_unix: u64,
+    pub size: AtomicU64,
+    pub committed_mapped: AtomicU64,
+    pub generation: AtomicU64,
+    pub deleted: AtomicBool,
+    /// Serialises read-modify-write of partial blocks.
+    rmw: tokio::sync::Mutex<()>,
+}
+
+impl VolumeShared {
+    pub fn from_record(r: &VolumeRecord) -> VolumeShared {
+        VolumeShared {
+            id: r.id,
+            name: r.name.clone(),
+            block_size: r.block_size,
+            dedup: r.dedup,
+            compression: r.compression,
+            read_only: r.read_only,
+            parent: r.parent.clone(),
+            created_unix: r.created_unix,
+            size: AtomicU64::new(r.size),
+            committed_mapped: AtomicU64::new(r.mapped_blocks),
+            generation: AtomicU64::new(r.generation),
+            deleted: AtomicBool::new(false),
+            rmw: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn to_record(&self, mapped_blocks: u64, generation: u64) -> VolumeRecord {
+        VolumeRecord {
+            id: self.id,
+            name: self.name.clone(),
+            size: self.size.load(Ordering::SeqCst),
+            block_size: self.block_size,
+            dedup: self.dedup,
+            compression: self.compression,
+            read_only: self.read_only,
+            parent: self.parent.clone(),
+            created_unix: self.created_unix,
+            generation,
+            mapped_blocks,
+        }
+    }
+}
+
+/// A run of bytes that is either data or a hole (reads as zeros).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub hole: bool,
+}
+
+/// What a read returns: the bytes, and which parts of them are holes.
+#[derive(Clone, Debug)]
+pub struct ReadData {
+    pub data: Bytes,
+    pub extents: Vec<Extent>,
+}
+
+/// An open volume. Cheap to clone.
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+    v: Arc<VolumeShared>,
+}
+
+fn push_extent(ext: &mut Vec<Extent>, len: u64, hole: bool) {
+    if len == 0 {
+        return;
+    }
+    match ext.last_mut() {
+        Some(e) if e.hole == hole => e.len += len,
+        _ => ext.push(Extent { len, hole }),
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe {
+        // SAFETY: u8 -> u64 reinterpretation; align_to only yields properly aligned u64s.
+        b.align_to::<u64>()
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+impl Volume {
+    pub(crate) fn new(inner: Arc<Inner>, v: Arc<VolumeShared>) -> Volume {
+        Volume { inner, v }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.v.name
+    }
+
+    pub fn size(&self) -> u64 {
+        self.v.size.load(Ordering::SeqCst)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.v.block_size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.v.read_only
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.v.generation.load(Ordering::SeqCst)
+    }
+
+    pub fn info(&self) -> VolumeInfo {
+        Engine {
+            inner: self.inner.clone(),
+        }
+        .info_of(&self.v)
+    }
+
+    fn check_live(&self) -> Result<()> {
+        if self.v.deleted.load(Ordering::Relaxed) {
+            return Err(EngineError::VolumeNotFound(self.v.name.clone()));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(EngineError::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_live()?;
+        if self.v.read_only {
+            return Err(EngineError::ReadOnly(self.v.name.clone()));
+        }
+        self.check_range(offset, len)?;
+        self.inner.check_failed()
+    }
+
+    /// Write `data` at `offset`. Takes effect (visible to readers) before this
+    /// returns the future, unless the write covers partial blocks.
+    pub fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {
+        if let Err(e) = self.check_write(offset, data.len() as u64) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        if data.len() as u64 > MAX_IO {
+            return Box::pin(std::future::ready(Err(EngineError::InvalidArgument(
+                format!(
+                    "write of {} bytes exceeds the {} byte limit",
+                    data.len(),
+                    MAX_IO
+                ),
+            ))));
+        }
+        let bs = self.v.block_size as u64;
+        let this = self.clone();
+        if offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs) {
+            let first = self.write_blocks(offset / bs, &data);
+            Box::pin(async move {
+                match first {
+                    Err(EngineError::NoSpace) => {
+                        this.inner.make_space().await?;
+                        this.write_blocks(offset / bs, &data)?;
+                    }
+                    r => r?,
+                }
+                this.finish_write(fua).await
+            })
+        } else {
+            Box::pin(async move {
+                this.write_unaligned(offset, &data).await?;
+                this.finish_write(fua).await
+            })
+        }
+    }
+
+    async fn finish_write(&self, fua: bool) -> Result<()> {
+        self.inner.backpressure().await?;
+        if fua {
+            self.inner.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_unaligned(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let bs = self.v.block_size as u64;
+        let _g = self.v.rmw.lock().await;
+        let first = offset / bs;
+        let end = (offset + data.len() as u64).div_ceil(bs);
+        let mut buf = vec![0u8; ((end - first) * bs) as usize];
+        let head_partial = !offset.is_multiple_of(bs);
+        let tail_partial = !(offset + data.len() as u64).is_multiple_of(bs);
+        if head_partial {
+            let old = self.read_blocks(first, 1).await?;
+            buf[..bs as usize].copy_from_slice(&old);
+        }
+        if tail_partial && (end - 1 != first || !head_partial) {
+            let old = self.read_blocks(end - 1, 1).await?;
+            let at = ((end - 1 - first) * bs) as usize;
+            buf[at..at + bs as usize].copy_from_slice(&old);
+        }
+        let at = (offset - first * bs) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        match self.write_blocks(first, &buf) {
+            Err(EngineError::NoSpace) => {
+                self.inner.make_space().await?;
+                self.write_blocks(first, &buf)
+            }
+            r => r,
+        }
+    }
+
+    /// The synchronous heart of the write path (see the module comment).
+    fn write_blocks(&self, lba0: u64, data: &[u8]) -> Result<()> {
+        self.check_live()?;
+        let bs = self.v.block_size as usize;
+        let n = data.len() / bs;
+        let hashes: Vec<Option<[u8; 32]>> = data
+            .chunks_exact(bs)
+            .map(|c| {
+                if is_zero(c) {
+                    None
+                } else {
+                    Some(blake3::hash(c).into())
+                }
+            })
+            .collect();
+        for _attempt in 0..8 {
+            // 1. Which blocks need a new record?
+            let mut keys: Vec<Option<BlockKey>> = vec![None; n];
+            let mut need: Vec<usize> = Vec::new();
+            {
+                let mut st = self.inner.state.lock();
+                let mut tx = Txn {
+                    st: &mut st,
+                    meta: &self.inner.meta,
+                };
+                if self.v.dedup {
+                    let mut first_of: HashMap<[u8; 32], ()> = HashMap::new();
+                    for (i, h) in hashes.iter().enumerate() {
+                        let Some(h) = h else { continue };
+                        let key = BlockKey::content(*h);
+                        keys[i] = Some(key);
+                        if first_of.insert(*h, ()).is_none() && tx.record(&key)?.is_none() {
+                            need.push(i);
+                        }
+                    }
+                } else {
+                    let count = hashes.iter().filter(|h| h.is_some()).count() as u64;
+                    let mut nonce = tx.take_nonces(count);
+                    for (i, h) in hashes.iter().enumerate() {
+                        if let Some(h) = h {
+                            keys[i] = Some(BlockKey { hash: *h, nonce });
+                            nonce += 1;
+                            need.push(i);
+                        }
+                    }
+                }
+            }
+            // 2. Compress outside every lock, then append under the writer lock.
+            let lz4 = self.v.compression == Compression::Lz4;
+            let mut staged: Vec<(usize, record::Codec, Option<Vec<u8>>)> =
+                Vec::with_capacity(need.len());
+            for &i in &need {
+                let (codec, c) = record::compress(&data[i * bs..(i + 1) * bs], lz4);
+                staged.push((i, codec, c));
+            }
+            let mut placed: Vec<(BlockKey, RecordMeta)> = Vec::with_capacity(staged.len());
+            {
+                let disks = self.inner.disks.read();
+                let mut w = self.inner.writer.lock();
+                for (i, codec, c) in &staged {
+                    let raw = &data[i * bs..(i + 1) * bs];
+                    let payload = c.as_deref().unwrap_or(raw);
+                    let key = keys[*i].expect("blocks needing a record have a key");
+                    let p = w.append(
+                        HEADER_LEN + payload.len(),
+                        &self.inner.space,
+                        &disks,
+                        &self.inner.rt,
+                        false,
+                        |out| record::encode_into(out, &key, *codec, bs as u32, payload),
+                    )?;
+                    placed.push((
+                        key,
+                        RecordMeta {
+                            segment: p.segment,
+                            offset: p.offset,
+                            stored_len: payload.len() as u32,
+                            raw_len: bs as u32,
+                            refs: 0,
+                        },
+                    ));
+                }
+            }
+            // 3. Install.
+            let mut st = self.inner.state.lock();
+            let mut tx = Txn {
+                st: &mut st,
+                meta: &self.inner.meta,
+            };
+            for (key, meta) in &placed {
+                // Another writer may have stored the same content meanwhile:
+                // then ours is garbage for the cleaner, and we reference theirs.
+                if tx.record(key)?.is_none() {
+                    tx.insert_record(*key, *meta);
+                }
+            }
+            // A record found by the dedup lookup may have died since: retry.
+            let mut missing = false;
+            for k in keys.iter().flatten() {
+                if tx.record(k)?.is_none() {
+                    missing = true;
+                    break;
+                }
+            }
+            if missing {
+                continue;
+            }
+            tx.set_blocks(self.v.id, lba0, &keys)?;
+            return Ok(());
+        }
+        Err(EngineError::FailedPrecondition(
+            "write kept racing with concurrent overwrites of the same content; retry it".into(),
+        ))
+    }
+
+    /// Read `len` bytes at `offset`; holes read as zeros.
+    pub fn read(&self, offset: u64, len: u32) -> EngineFuture<ReadData> {
+        let this = self.clone();
+        Box::pin(async move { this.read_inner(offset, len as u64).await })
+    }
+
+    async fn read_inner(&self, offset: u64, len: u64) -> Result<ReadData> {
+        self.check_live()?;
+        self.check_range(offset, len)?;
+        if len > MAX_IO {
+            return Err(EngineError::InvalidArgument(format!(
+                "read of {len} bytes exceeds the {MAX_IO} byte limit"
+            )));
+        }
+        if len == 0 {
+            return Ok(ReadData {
+                data: Bytes::new(),
+                extents: Vec::new(),
+            });
+        }
+        let bs = self.v.block_size as u64;
+        let first = offset / bs;
+        let end = (offset + len).div_ceil(bs);
+        let keys = self.resolve_keys(first, end - first)?;
+        let mut buf = BytesMut::zeroed(((end - first) * bs) as usize);
+        self.fill_blocks(first, &keys, &mut buf).await?;
+        let mut extents = Vec::new();
+        let skip = offset - first * bs;
+        for (i, k) in keys.iter().enumerate() {
+            let b_start = (first + i as u64) * bs;
+            let lo = b_start.max(offset);
+            let hi = (b_start + bs).min(offset + len);
+            push_extent(&mut extents, hi - lo, k.is_none());
+        }
+        let mut data = buf.freeze();
+        data = data.slice(skip as usize..(skip + len) as usize);
+        Ok(ReadData { data, extents })
+    }
+
+    async fn read_blocks(&self, lba: u64, n: u64) -> Result<Vec<u8>> {
+        let keys = self.resolve_keys(lba, n)?;
+        let mut buf = vec![0u8; (n * self.v.block_size as u64) as usize];
+        self.fill_blocks(lba, &keys, &mut buf).await?;
+        Ok(buf)
+    }
+
+    async fn fill_blocks(
+        &self,
+        lba0: u64,
+        keys: &[Option<BlockKey>],
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let bs = self.v.block_size as usize;
+        for _attempt in 0..3 {
+            let metas = self.inner.resolve_records(keys.iter().flatten())?;
+            let mut wanted = Vec::new();
+            for (i, k) in keys.iter().enumerate() {
+                if let Some(k) = k {
+                    let m = metas.get(k).copied().flatten().ok_or_else(|| {
+                        EngineError::CorruptMeta(format!(
+                            "volume \"{}\" block {i} maps to a record the index does not hold",
+                            self.v.name
+                        ))
+                    })?;
+                    wanted.push((*k, m, i * bs));
+                }
+            }
+            match self.inner.read_records(&wanted, buf, &self.v.name).await {
+                Err(ReadFault::Moved) => continue,
+                Err(ReadFault::Engine(EngineError::Checksum { volume, offset })) => {
+                    return Err(EngineError::Checksum {
+                        volume,
+                        offset: lba0 * bs as u64 + offset,
+                    })
+                }
+                Err(ReadFault::Engine(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+        Err(EngineError::FailedPrecondition(
+            "records kept moving during the read (cleaner); retry it".into(),
+        ))
+    }
+
+    /// Block keys of `[lba, lba+n)`, overlays first, then the store.
+    fn resolve_keys(&self, lba: u64, n: u64) -> Result<Vec<Option<BlockKey>>> {
+        let mut out: Vec<Option<BlockKey>> = vec![None; n as usize];
+        let mut unknown: Vec<usize> = Vec::new();
+        {
+            let st = self.inner.state.lock();
+            for (i, slot) in out.iter_mut().enumerate() {
+                let k = (self.v.id, lba + i as u64);
+                if let Some(v) = st.cur.blocks.get(&k) {
+                    *slot = *v;
+                } else if let Some(v) = st.committing.as_ref().and_then(|c| c.blocks.get(&k)) {
+                    *slot = *v;
+                } else {
+                    unknown.push(i);
+                }
+            }
+        }
+        if unknown.len() > 4 {
+            let committed: HashMap<u64, BlockKey> = self
+                .inner
+                .meta
+                .block_range(self.v.id, lba, lba + n)?
+                .into_iter()
+                .collect();
+            for i in unknown {
+                out[i] = committed.get(&(lba + i as u64)).copied();
+            }
+        } else {
+            for i in unknown {
+                out[i] = self.inner.meta.block(self.v.id, lba + i as u64)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unmap `[offset, offset+len)`: trim and write-zeroes (zeros are holes).
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> EngineFuture<()> {
+        if let Err(e) = self.check_write(offset, len) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let bs = self.v.block_size as u64;
+        let first_full = offset.div_ceil(bs);
+        let end_full = (offset + len) / bs;
+        let eager = if first_full < end_full {
+            self.unmap(first_full, end_full)
+        } else {
+            Ok(())
+        };
+        let this = self.clone();
+        Box::pin(async move {
+            eager?;
+            // Partial blocks at either end are zeroed in place.
+            let head_end = (first_full * bs).min(offset + len);
+            if offset < head_end {
+                let zeros = vec![0u8; (head_end - offset) as usize];
+                this.write_unaligned(offset, &zeros).await?;
+            }
+            let tail_start = (end_full * bs).max(head_end);
+            if tail_start < offset + len {
+                let zeros = vec![0u8; (offset + len - tail_start) as usize];
+                this.write_unaligned(tail_start, &zeros).await?;
+            }
+            this.finish_write(fua).await
+        })
+    }
+
+    /// NBD WRITE_ZEROES: identical to trim, since zero blocks are never stored.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> EngineFuture<()> {
+        self.trim(offset, len, fua)
+    }
+
+    fn unmap(&self, first: u64, end: u64) -> Result<()> {
+        let mut lba = first;
+        while lba < end {
+            let chunk_end = (lba + UNMAP_CHUNK).min(end);
+            let mut st = self.inner.state.lock();
+            let mut tx = Txn {
+                st: &mut st,
+                meta: &self.inner.meta,
+            };
+            if chunk_end - lba > 256 {
+                for (l, _) in tx.mapped_range(self.v.id, lba, chunk_end)? {
+                    tx.set_block(self.v.id, l, None)?;
+                }
+            } else {
+                for l in lba..chunk_end {
+                    tx.set_block(self.v.id, l, None)?;
+                }
+            }
+            lba = chunk_end;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) -> EngineFuture<()> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.flush().await })
+    }
+
+    /// Allocation map of `[offset, offset+len)`; may describe less than asked
+    /// (at most 1 Mi blocks), never more.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_live()?;
+        self.check_range(offset, len)?;
+        let bs = self.v.block_size as u64;
+        let first = offset / bs;
+        let end = (offset + len).div_ceil(bs).min(first + (1 << 20));
+        let keys = self.resolve_keys(first, end - first)?;
+        let mut ext = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let b = (first + i as u64) * bs;
+            let lo = b.max(offset);
+            let hi = (b + bs).min(offset + len);
+            push_extent(&mut ext, hi - lo, k.is_none());
+        }
+        Ok(ext)
+    }
+
+    // ---- replication support ------------------------------------------------
+
+    /// Content hashes of `count` blocks from `lba` (`None` = hole).
+    pub fn block_hashes(&self, lba: u64, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
+        Ok(self
+            .resolve_keys(lba, count)?
+            .into_iter()
+            .map(|k| k.map(|k| k.hash))
+            .collect())
+    }
+
+    /// One blake3 digest per `region_bytes` of the volume over its blocks'
+    /// content hashes (zeros for holes): two copies differ in a region iff
+    /// (barring collisions) its digests differ.
+    pub fn region_digests(&self, region_bytes: u64) -> Result<Vec<[u8; 32]>> {
+        let bs = self.v.block_size as u64;
+        if region_bytes == 0 || !region_bytes.is_multiple_of(bs) {
+            return Err(EngineError::InvalidArgument(format!(
+                "region size {region_bytes} must be a positive multiple of the block size {bs}"
+            )));
+        }
+        let blocks = self.size() / bs;
+        let per = region_bytes / bs;
+        let mut out = Vec::new();
+        let mut lba = 0;
+        while lba < blocks {
+            let n = per.min(blocks - lba);
+            let mut h = blake3::Hasher::new();
+            for k in self.resolve_keys(lba, n)? {
+                h.update(&k.map_or([0u8; 32], |k| k.hash));
+            }
+            out.push(h.finalize().into());
+            lba += n;
+        }
+        Ok(out)
+    }
+
+    /// Map block `lba` to content this node already stores under `hash`
+    /// ("store this block under H" without sending it). Returns false when
+    /// the node does not hold `hash`; the caller then sends the data.
+    pub fn write_by_hash(&self, lba: u64, hash: &[u8; 32]) -> Result<bool> {
+        let bs = self.v.block_size as u64;
+        self.check_write(lba.saturating_mul(bs), bs)?;
+        if !self.v.dedup {
+            return Ok(false);
+        }
+        let key = BlockKey::content(*hash);
+        let mut st = self.inner.state.lock();
+        let mut tx = Txn {
+            st: &mut st,
+            meta: &self.inner.meta,
+        };
+        match tx.record(&key)? {
+            Some(m) if m.raw_len as u64 == bs => {
+                tx.set_block(self.v.id, lba, Some(key))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+pub(crate) enum ReadFault {
+    /// A record was relocated while we read it: resolve again.
+    Moved,
+    Engine(EngineError),
+}
+
+impl From<EngineError> for ReadFault {
+    fn from(e: EngineError) -> Self {
+        ReadFault::Engine(e)
+    }
+}
+
+impl Inner {
+    /// Record metadata for `keys`, overlays first, then the store.
+    pub(crate) fn resolve_records<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a BlockKey>,
+    ) -> Result<HashMap<BlockKey, Option<RecordMeta>>> {
+        let mut out: HashMap<BlockKey, Option<RecordMeta>> = HashMap::new();
+        let mut unknown = Vec::new();
+        {
+            let st = self.state.lock();
+            for k in keys {
+                if out.contains_key(k) {
+                    continue;
+                }
+                if let Some(v) = st.cur.records.get(k) {
+                    out.insert(*k, *v);
+                } else if let Some(v) = st.committing.as_ref().and_then(|c| c.records.get(k)) {
+                    out.insert(*k, *v);
+                } else {
+                    out.insert(*k, None);
+                    unknown.push(*k);
+                }
+            }
+        }
+        for k in unknown {
+            out.insert(k, self.meta.record(&k)?);
+        }
+        Ok(out)
+    }
+
+    /// Fetch and verify records into `out` at the given offsets.
+    pub(crate) async fn read_records(
+        &self,
+        wanted: &[(BlockKey, RecordMeta, usize)],
+        out: &mut [u8],
+        volume: &str,
+    ) -> std::result::Result<(), ReadFault> {
+        // Group destinations by record location.
+        let mut by_loc: HashMap<(crate::key::SegmentId, u32), (BlockKey, RecordMeta, Vec<usize>)> =
+            HashMap::new();
+        for (k, m, dst) in wanted {
+            by_loc
+                .entry((m.segment, m.offset))
+                .or_insert_with(|| (*k, *m, Vec::new()))
+                .2
+                .push(*dst);
+        }
+        let mut on_disk: Vec<(BlockKey, RecordMeta, Vec<usize>)> = Vec::new();
+        {
+            let w = self.writer.lock();
+            let mut tmp = Vec::new();
+            for (_, (k, m, dsts)) in by_loc {
+                tmp.resize(m.footprint() as usize, 0);
+                if w.copy_out(m.segment, m.offset as usize, &mut tmp) {
+                    let raw = m.raw_len as usize;
+                    let (first, rest) = dsts.split_first().expect("at least one destination");
+                    if record::decode(&tmp, &k, &mut out[*first..*first + raw]).is_err() {
+                        self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(EngineError::Checksum {
+                            volume: volume.into(),
+                            offset: *first as u64,
+                        }
+                        .into());
+                    }
+                    for d in rest {
+                        out.copy_within(*first..*first + raw, *d);
+                    }
+                } else {
+                    on_disk.push((k, m, dsts));
+                }
+            }
+        }
+        if on_disk.is_empty() {
+            return Ok(());
+        }
+        on_disk.sort_by_key(|(_, m, _)| (m.segment, m.offset));
+        // Coalesce nearby records of one segment into one aligned read.
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for i in 0..on_disk.len() {
+            let m = &on_disk[i].1;
+            match runs.last_mut() {
+                Some(r) => {
+                    let prev = &on_disk[r.end - 1].1;
+                    let prev_end = prev.offset as u64 + prev.footprint();
+                    let start = on_disk[r.start].1.offset as u64;
+                    if prev.segment == m.segment
+                        && (m.offset as u64) <= prev_end + COALESCE_GAP
+                        && m.offset as u64 + m.footprint() - start <= 4 << 20
+                    {
+                        r.end = i + 1;
+                    } else {
+                        runs.push(i..i + 1);
+                    }
+                }
+                None => runs.push(i..i + 1),
+            }
+        }
+        let seg_size = self.space.lock().segment_size;
+        let disks = self.disks.read().clone();
+        let reads = runs.iter().map(|r| {
+            let first = &on_disk[r.start].1;
+            let last = &on_disk[r.end - 1].1;
+            let start = first.offset as u64 / IO_ALIGN as u64 * IO_ALIGN as u64;
+            let end =
+                (last.offset as u64 + last.footprint()).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
+            let disk = disks.iter().find(|d| d.id == first.segment.disk).cloned();
+            let seg = first.segment;
+            async move {
+                let disk = disk.ok_or_else(|| {
+                    EngineError::CorruptMeta(format!("record on unknown disk {}", seg.disk))
+                })?;
+                let at = disk.segment_offset(seg.index, seg_size) + start;
+                let (buf, r) = disk
+                    .io
+                    .read_at(AlignedBuf::zeroed((end - start) as usize), at)
+                    .await;
+                r.map_err(|e| EngineError::io(format!("reading {}", disk.path.display()), e))?;
+                Ok::<_, EngineError>((start, buf))
+            }
+        });
+        let results = futures::future::join_all(reads).await;
+        for (r, res) in runs.iter().zip(results) {
+            let (start, buf) = res?;
+            for (k, m, dsts) in &on_disk[r.clone()] {
+                let rel = (m.offset as u64 - start) as usize;
+                let raw = m.raw_len as usize;
+                let (first, rest) = dsts.split_first().expect("at least one destination");
+                if let Err(fault) = record::decode(&buf[rel..], k, &mut out[*first..*first + raw]) {
+                    // The cleaner may have moved the record and its segment been reused.
+                    let now = self.resolve_records(std::iter::once(k))?;
+                    if now
+                        .get(k)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|n| n.segment != m.segment || n.offset != m.offset)
+                    {
+                        return Err(ReadFault::Moved);
+                    }
+                    self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(volume, segment = ?m.segment, offset = m.offset, ?fault, "stored record failed its check");
+                    return Err(EngineError::Checksum {
+                        volume: volume.into(),
+                        offset: *first as u64,
+                    }
+                    .into());
+                }
+                for d in rest {
+                    out.copy_within(*first..*first + raw, *d);
+                }
+            }
+        }
+        Ok(())
+    }
+}

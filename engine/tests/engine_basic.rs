@@ -1,0 +1,311 @@
+//! The engine's behaviour through its public API, on every backend.
+
+mod common;
+
+use ballast_engine::{Compression, EngineError, VolumeOptions};
+use bytes::Bytes;
+use common::{backends, block, Backend, Harness};
+
+fn opts(size: u64) -> VolumeOptions {
+    VolumeOptions::new(size)
+}
+
+async fn for_each_backend<F, Fut>(f: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for b in backends() {
+        eprintln!("backend {b:?}");
+        f(b).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_lifecycle_and_errors() {
+    for_each_backend(|b| async move {
+        let h = Harness::new(b);
+        let e = h.open().await;
+        let v = e.create_volume("a", opts(1 << 20)).await.unwrap();
+        assert_eq!(
+            (v.size, v.block_size, v.dedup, v.compression),
+            (1 << 20, 4096, true, Compression::Lz4)
+        );
+        assert!(matches!(
+            e.create_volume("a", opts(1 << 20)).await,
+            Err(EngineError::VolumeExists(_))
+        ));
+        assert!(matches!(
+            e.create_volume("bad name", opts(4096)).await,
+            Err(EngineError::InvalidArgument(_))
+        ));
+        let mut o = opts(8192);
+        o.block_size = 3000;
+        assert!(matches!(
+            e.create_volume("b", o).await,
+            Err(EngineError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            e.volume_info("nope"),
+            Err(EngineError::VolumeNotFound(_))
+        ));
+        assert!(matches!(
+            e.resize_volume("a", 4096).await,
+            Err(EngineError::FailedPrecondition(_))
+        ));
+        assert_eq!(e.resize_volume("a", 2 << 20).await.unwrap().size, 2 << 20);
+        assert_eq!(
+            e.list_volumes()
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        let vol = e.open_volume("a").unwrap();
+        let err = vol.read((2 << 20) - 100, 4096).await.unwrap_err();
+        assert!(matches!(err, EngineError::OutOfRange { .. }), "{err}");
+        e.delete_volume("a").await.unwrap();
+        assert!(e.list_volumes().is_empty());
+        assert!(matches!(
+            vol.read(0, 4096).await,
+            Err(EngineError::VolumeNotFound(_))
+        ));
+        e.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_see_writes_holes_and_partial_blocks() {
+    for_each_backend(|b| async move {
+        let h = Harness::new(b);
+        let e = h.open().await;
+        e.create_volume("v", opts(8 << 20)).await.unwrap();
+        let v = e.open_volume("v").unwrap();
+        let a = block(1, 64 << 10, 0);
+        v.write(4096, Bytes::from(a.clone()), false).await.unwrap();
+        let r = v.read(0, 128 << 10).await.unwrap();
+        assert_eq!(&r.data[..4096], &[0u8; 4096][..]);
+        assert_eq!(&r.data[4096..4096 + a.len()], &a[..]);
+        assert!(r.extents[0].hole && r.extents[0].len == 4096);
+        assert!(!r.extents[1].hole && r.extents[1].len == a.len() as u64);
+        // Unaligned write inside and across blocks.
+        let p = block(2, 5000, 1);
+        v.write(4096 + 100, Bytes::from(p.clone()), false)
+            .await
+            .unwrap();
+        let r = v.read(4096, 12288).await.unwrap();
+        let mut want = a[..12288].to_vec();
+        want[100..100 + p.len()].copy_from_slice(&p);
+        assert_eq!(&r.data[..], &want[..]);
+        // All-zero blocks become holes.
+        v.write(4096, Bytes::from(vec![0u8; 8192]), false)
+            .await
+            .unwrap();
+        let st = v.block_status(0, 16384).unwrap();
+        assert!(st[0].hole && st[0].len == 12288, "{st:?}");
+        // Trim with partial ends zeroes exactly the range.
+        v.trim(20480 + 10, 8192, false).await.unwrap();
+        let r = v.read(20480, 12288).await.unwrap();
+        let mut want = a[16384..16384 + 12288].to_vec();
+        want[10..10 + 8192].fill(0);
+        assert_eq!(&r.data[..], &want[..]);
+        e.flush().await.unwrap();
+        e.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_data_survives_reopen_and_stats_count_dedup_and_compression() {
+    for_each_backend(|b| async move {
+        let h = Harness::new(b);
+        let e = h.open().await;
+        e.create_volume("x", opts(4 << 20)).await.unwrap();
+        e.create_volume("y", opts(4 << 20)).await.unwrap();
+        let mut o = opts(4 << 20);
+        o.dedup = false;
+        o.compression = Compression::None;
+        e.create_volume("plain", o).await.unwrap();
+        let x = e.open_volume("x").unwrap();
+        let y = e.open_volume("y").unwrap();
+        let plain = e.open_volume("plain").unwrap();
+        let data: Vec<u8> = (0..64)
+            .flat_map(|i| block(i, 4096, (i % 2) as u8))
+            .collect();
+        x.write(0, Bytes::from(data.clone()), false).await.unwrap();
+        y.write(1 << 20, Bytes::from(data.clone()), true)
+            .await
+            .unwrap();
+        plain
+            .write(0, Bytes::from(data.clone()), false)
+            .await
+            .unwrap();
+        plain
+            .write(1 << 20, Bytes::from(data.clone()), false)
+            .await
+            .unwrap();
+        e.flush().await.unwrap();
+        let s = e.node_stats();
+        assert_eq!(s.logical_bytes, 4 * 64 * 4096);
+        // x and y share 64 records; "plain" stores its 128 blocks separately.
+        assert_eq!(s.unique_bytes, (64 + 128) * 4096);
+        assert!(
+            s.stored_bytes < s.unique_bytes,
+            "compressible half must shrink: {s:?}"
+        );
+        assert!(s.dedup_ratio > 1.3 && s.compression_ratio > 1.0, "{s:?}");
+        assert_eq!(e.volume_info("x").unwrap().mapped_bytes, 64 * 4096);
+        let gen = x.generation();
+        assert!(gen >= 1);
+        drop((x, y, plain));
+        e.shutdown().await.unwrap();
+        drop(e);
+        let e = h.open().await;
+        for (name, off) in [("x", 0), ("y", 1 << 20), ("plain", 1 << 20)] {
+            let v = e.open_volume(name).unwrap();
+            assert_eq!(
+                &v.read(off, data.len() as u32).await.unwrap().data[..],
+                &data[..],
+                "{name}"
+            );
+        }
+        let s2 = e.node_stats();
+        assert_eq!(
+            (s2.unique_bytes, s2.stored_bytes, s2.logical_bytes),
+            (s.unique_bytes, s.stored_bytes, s.logical_bytes)
+        );
+        e.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_frozen_and_clones_diverge() {
+    for_each_backend(|b| async move {
+        let h = Harness::new(b);
+        let e = h.open().await;
+        e.create_volume("base", opts(1 << 20)).await.unwrap();
+        let base = e.open_volume("base").unwrap();
+        let one = block(10, 65536, 0);
+        base.write(0, Bytes::from(one.clone()), false)
+            .await
+            .unwrap();
+        let before = e.node_stats().unique_bytes;
+        let snap = e.snapshot("base", "s1").await.unwrap();
+        assert!(snap.read_only && snap.parent.as_deref() == Some("base"));
+        assert_eq!(
+            e.node_stats().unique_bytes,
+            before,
+            "a snapshot copies no data"
+        );
+        base.write(0, Bytes::from(block(11, 65536, 0)), false)
+            .await
+            .unwrap();
+        let s = e.open_volume("s1").unwrap();
+        assert_eq!(&s.read(0, 65536).await.unwrap().data[..], &one[..]);
+        assert!(matches!(
+            s.write(0, Bytes::from(vec![1u8; 4096]), false).await,
+            Err(EngineError::ReadOnly(_))
+        ));
+        assert!(matches!(
+            e.clone_snapshot("base", "c").await,
+            Err(EngineError::FailedPrecondition(_))
+        ));
+        e.clone_snapshot("s1", "c1").await.unwrap();
+        let c = e.open_volume("c1").unwrap();
+        c.write(4096, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            &s.read(4096, 4096).await.unwrap().data[..],
+            &one[4096..8192]
+        );
+        assert_eq!(&c.read(0, 4096).await.unwrap().data[..], &one[..4096]);
+        // Deleting the origin keeps the snapshot's data.
+        drop(base);
+        e.delete_volume("base").await.unwrap();
+        assert_eq!(&s.read(0, 65536).await.unwrap().data[..], &one[..]);
+        e.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_primitives() {
+    for_each_backend(|b| async move {
+        let h = Harness::new(b);
+        let e = h.open().await;
+        e.create_volume("p", opts(4 << 20)).await.unwrap();
+        e.create_volume("q", opts(4 << 20)).await.unwrap();
+        let p = e.open_volume("p").unwrap();
+        let q = e.open_volume("q").unwrap();
+        let d = block(5, 4096, 0);
+        let hash: [u8; 32] = blake3::hash(&d).into();
+        assert!(!e.has_block(&hash).unwrap());
+        assert!(!q.write_by_hash(3, &hash).unwrap());
+        p.write(0, Bytes::from(d.clone()), false).await.unwrap();
+        assert!(e.has_block(&hash).unwrap());
+        assert_eq!(&e.read_by_hash(&hash).await.unwrap().unwrap()[..], &d[..]);
+        assert!(q.write_by_hash(0, &hash).unwrap());
+        assert_eq!(&q.read(0, 4096).await.unwrap().data[..], &d[..]);
+        assert_eq!(p.block_hashes(0, 2).unwrap(), vec![Some(hash), None]);
+        assert_eq!(
+            p.region_digests(1 << 20).unwrap(),
+            q.region_digests(1 << 20).unwrap()
+        );
+        q.write(3 << 20, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+        let (dp, dq) = (
+            p.region_digests(1 << 20).unwrap(),
+            q.region_digests(1 << 20).unwrap(),
+        );
+        let differ: Vec<usize> = (0..4).filter(|&i| dp[i] != dq[i]).collect();
+        assert_eq!(differ, vec![3]);
+        let g0 = q.generation();
+        e.flush().await.unwrap();
+        assert_eq!(q.generation(), g0 + 1);
+        e.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_of_other_pools_are_refused_and_disks_can_be_added_live() {
+    let h = Harness::new(Backend::Threads);
+    let e = h.open().await;
+    let before = e.node_stats().capacity_bytes;
+    e.add_disk(ballast_engine::DiskSpec {
+        path: h.disk_path(1),
+        create_size: Some(64 << 20),
+    })
+    .await
+    .unwrap();
+    let s = e.node_stats();
+    assert_eq!(s.disks.len(), 2);
+    assert!(s.capacity_bytes > before);
+    e.shutdown().await.unwrap();
+    drop(e);
+    // A second pool may not take over this pool's disk.
+    let other = tempfile::tempdir().unwrap();
+    let mut cfg = ballast_engine::EngineConfig::new(other.path().join("data"));
+    cfg.backend = ballast_engine::io::BackendChoice::Threads;
+    cfg.disks = vec![ballast_engine::DiskSpec {
+        path: h.disk_path(0),
+        create_size: None,
+    }];
+    let err = ballast_engine::Engine::open(cfg)
+        .await
+        .err()
+        .expect("must refuse");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("disk0.img") && msg.contains("already formatted for pool"),
+        "{msg}"
+    );
+    // The pool reopens with both disks.
+    let e = h.open().await;
+    assert_eq!(e.node_stats().disks.len(), 2);
+    e.shutdown().await.unwrap();
+}

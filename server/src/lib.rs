@@ -1,0 +1,2 @@
+//! ballastd: NBD server and gRPC control plane.
+pub mod nbd;
