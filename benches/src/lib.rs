@@ -1,1 +1,31 @@
-//! Criterion benchmarks live in benches/.
+//! Ballast benchmarks. Criterion micro-benchmarks live in `benches/`; the
+//! binaries in `src/bin/` measure what criterion cannot: space efficiency on
+//! real data (`space_efficiency`) and memory per TiB of unique data
+//! (`memory_scale`). Shared helpers for those binaries are here.
+
+use ballast_engine::{DiskSpec, Engine, EngineConfig};
+use std::path::Path;
+
+/// Open an engine on a sparse disk file under `dir`.
+pub async fn open_engine(dir: &Path, disk_size: u64) -> anyhow::Result<Engine> {
+    let mut cfg = EngineConfig::new(dir.join("data"));
+    cfg.disks = vec![DiskSpec {
+        path: dir.join("disk0.img"),
+        create_size: Some(disk_size),
+    }];
+    Ok(Engine::open(cfg).await?)
+}
+
+/// Resident and peak resident memory of this process, in bytes.
+pub fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}

@@ -104,10 +104,20 @@ impl Meta {
                 EngineError::Meta(format!("opening metadata store {}: {e}", dir.display()))
             })?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        // The block map and record index take a point lookup on every block
+        // written: small memtables keep their skiplists shallow, and hash
+        // indexes in data blocks make point reads of tables cheaper.
+        let hot = |name: &str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(8 << 20)
+                    .data_block_hash_ratio_policy(fjall::config::HashRatioPolicy::all(0.75))
+            })
+        };
         Ok(Meta {
             volumes: ks("volumes")?,
-            blocks: ks("blocks")?,
-            records: ks("records")?,
+            blocks: hot("blocks")?,
+            records: hot("records")?,
             segments: ks("segments")?,
             misc: ks("misc")?,
             db,

@@ -1,0 +1,84 @@
+//! Resident memory against unique data stored, to extrapolate RAM per TiB.
+//!
+//! Writes GIB gibibytes (default 4) of unique, half-compressible 4 KiB blocks
+//! in 1 MiB writes at queue depth 8, reporting after each GiB: unique bytes,
+//! resident memory and metadata size; then reads 200k random blocks back and
+//! reports again (steady state). The slope of resident memory over unique
+//! data, scaled to 1 TiB, is the figure docs/benchmarks.md quotes.
+//!
+//!     cargo run --release -p ballast-benches --bin memory_scale -- 4
+
+use ballast_engine::VolumeOptions;
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+
+fn main() -> anyhow::Result<()> {
+    let gib: u64 = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(4);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let dir = tempfile::tempdir_in(std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()))?;
+    rt.block_on(async {
+        let engine = ballast_benches::open_engine(dir.path(), (gib + 4) << 30).await?;
+        let (rss0, _) = ballast_benches::rss();
+        engine.create_volume("m", VolumeOptions::new(gib << 30)).await?;
+        let vol = engine.open_volume("m")?;
+        println!("| unique GiB | RSS MiB | peak RSS MiB | metadata MiB |");
+        println!("|---|---|---|---|");
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut points = Vec::new();
+        for g in 0..gib {
+            let mut inflight = FuturesUnordered::new();
+            for m in 0..1024u64 {
+                let mut buf = vec![b'z'; 1 << 20];
+                for block in buf.chunks_mut(4096) {
+                    for c in block[..2048].chunks_mut(8) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        c.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+                inflight.push(vol.write(((g << 10) + m) << 20, Bytes::from(buf), false));
+                if inflight.len() >= 8 {
+                    inflight.next().await.unwrap()?;
+                }
+            }
+            while let Some(r) = inflight.next().await {
+                r?;
+            }
+            engine.flush().await?;
+            let s = engine.node_stats();
+            let (rss, peak) = ballast_benches::rss();
+            println!(
+                "| {:.2} | {} | {} | {} |",
+                s.unique_bytes as f64 / (1u64 << 30) as f64,
+                rss >> 20,
+                peak >> 20,
+                s.metadata_bytes >> 20
+            );
+            points.push((s.unique_bytes, rss));
+        }
+        let blocks = (gib << 30) / 4096;
+        for i in 0..200_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let _ = i;
+            vol.read((x % blocks) * 4096, 4096).await?;
+        }
+        let (rss, peak) = ballast_benches::rss();
+        println!("after 200k random reads: RSS {} MiB, peak {} MiB (baseline before data: {} MiB)", rss >> 20, peak >> 20, rss0 >> 20);
+        if let (Some(first), Some(last)) = (points.first(), points.last()) {
+            if last.0 > first.0 {
+                let slope = (last.1 as f64 - first.1 as f64) / (last.0 - first.0) as f64;
+                println!(
+                    "growth: {:.1} MiB of RSS per GiB of unique data -> {:.2} GiB per TiB by extrapolation (plus a fixed {} MiB)",
+                    slope * 1024.0,
+                    slope * 1024.0,
+                    rss0 >> 20
+                );
+            }
+        }
+        engine.shutdown().await?;
+        anyhow::Ok(())
+    })
+}
