@@ -29,3 +29,12 @@ pub fn rss() -> (u64, u64) {
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
+
+/// Cap glibc's malloc arenas as ballastd does: per-thread arenas otherwise
+/// keep freed metadata buffers resident and memory looks like it grows with data.
+pub fn limit_malloc_arenas() {
+    // SAFETY: mallopt only adjusts allocator tuning; called before threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}

@@ -1,1 +1,26 @@
-fn main() {}
+//! `ballast`: command-line client for ballastd.
+
+use std::process::ExitCode;
+
+use ballast_client::cli;
+
+fn main() -> ExitCode {
+    let args = cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

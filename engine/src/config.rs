@@ -135,6 +135,9 @@ pub struct NodeStats {
     pub unique_bytes: u64,
     pub stored_bytes: u64,
     pub metadata_bytes: u64,
+    /// Metadata store memory: block cache in use, and memtables not yet flushed.
+    pub metadata_cache_bytes: u64,
+    pub metadata_write_buffer_bytes: u64,
     pub dedup_ratio: f64,
     pub compression_ratio: f64,
     pub checksum_errors: u64,

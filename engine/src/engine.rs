@@ -577,6 +577,7 @@ impl Engine {
         };
         let logical: u64 = self.list_volumes().iter().map(|v| v.mapped_bytes).sum();
         let metadata = self.inner.meta.disk_space();
+        let (metadata_cache_bytes, metadata_write_buffer_bytes) = self.inner.meta.memory();
         let pool = self.inner.pool.read();
         let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
         NodeStats {
@@ -589,6 +590,8 @@ impl Engine {
             unique_bytes: unique,
             stored_bytes: stored,
             metadata_bytes: metadata,
+            metadata_cache_bytes,
+            metadata_write_buffer_bytes,
             dedup_ratio: ratio(logical, unique),
             compression_ratio: ratio(unique, stored),
             checksum_errors: self.inner.checksum_errors.load(Ordering::Relaxed),

@@ -202,6 +202,11 @@ impl Meta {
         Ok(out)
     }
 
+    /// Bytes of the block cache in use and of memtables not yet flushed.
+    pub fn memory(&self) -> (u64, u64) {
+        (self.db.cache_size(), self.db.write_buffer_size())
+    }
+
     pub fn disk_space(&self) -> u64 {
         self.db.disk_space().unwrap_or(0)
     }

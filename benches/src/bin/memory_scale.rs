@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 
 fn main() -> anyhow::Result<()> {
+    ballast_benches::limit_malloc_arenas();
     let gib: u64 = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(4);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let dir = tempfile::tempdir_in(std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()))?;
@@ -21,8 +22,8 @@ fn main() -> anyhow::Result<()> {
         let (rss0, _) = ballast_benches::rss();
         engine.create_volume("m", VolumeOptions::new(gib << 30)).await?;
         let vol = engine.open_volume("m")?;
-        println!("| unique GiB | RSS MiB | peak RSS MiB | metadata MiB |");
-        println!("|---|---|---|---|");
+        println!("| unique GiB | RSS MiB | peak RSS MiB | metadata on disk MiB | meta cache MiB | memtables MiB |");
+        println!("|---|---|---|---|---|---|");
         let mut x = 0x1234_5678_9abc_def1u64;
         let mut points = Vec::new();
         for g in 0..gib {
@@ -49,11 +50,13 @@ fn main() -> anyhow::Result<()> {
             let s = engine.node_stats();
             let (rss, peak) = ballast_benches::rss();
             println!(
-                "| {:.2} | {} | {} | {} |",
+                "| {:.2} | {} | {} | {} | {} | {} |",
                 s.unique_bytes as f64 / (1u64 << 30) as f64,
                 rss >> 20,
                 peak >> 20,
-                s.metadata_bytes >> 20
+                s.metadata_bytes >> 20,
+                s.metadata_cache_bytes >> 20,
+                s.metadata_write_buffer_bytes >> 20
             );
             points.push((s.unique_bytes, rss));
         }

@@ -1,52 +1,68 @@
-//! io_uring backend: one dedicated thread owns the ring.
+//! io_uring backend: callers submit directly; completions come back through
+//! an eventfd that the tokio reactor watches.
 //!
-//! Callers (tokio tasks) push requests on an unbounded channel and poke an
-//! eventfd; they never block. The ring thread keeps a POLL_ADD on that
-//! eventfd in flight, so it can sleep in `submit_and_wait(1)` and still wake
-//! for new work as well as for completions. Each wake-up it reaps every CQE,
-//! drains the channel, turns as much queued work into SQEs as the limits
-//! allow and submits them with one syscall.
+//! There is no ring thread on the hot path. A caller (a tokio task) locks the
+//! ring's bookkeeping, pushes its SQE and enters the kernel itself, so an I/O
+//! starts before `read_at` returns. Only one caller enters the kernel at a
+//! time: one that finds another already inside just leaves its SQE in the
+//! queue, and the one inside goes round again before it lets go, so a burst
+//! of submissions from many tasks costs few syscalls.
+//!
+//! The ring has an eventfd registered, which the kernel signals with every
+//! completion. Inside a multi-thread tokio runtime a small reaper task waits
+//! for it through the runtime's own reactor (`AsyncFd`): a completion wakes
+//! the worker parked in epoll, which drains the completion queue and wakes
+//! the waiting tasks, so an I/O costs one wake-up, as with a bare
+//! `io_uring_enter(GETEVENTS)`. Submitters also glance at the completion queue
+//! (two loads, no syscall) and complete whatever is already there. Outside
+//! such a runtime (a current-thread runtime, or no runtime at all) a helper
+//! thread waits on the eventfd instead. Which one it is gets decided at the
+//! first submission, and again whenever the reaper's runtime shuts down.
 //!
 //! Every request lives in a slab, keyed by its SQE's user_data, from the
 //! moment it is accepted until its last CQE: the slab owns the buffer the
 //! kernel reads or writes and the file whose fd the SQE names. A caller that
 //! drops its future only drops the oneshot receiver, so the result is
-//! discarded after the kernel is done, never before.
+//! discarded after the kernel is done, never before. At most
+//! `min(SQ, CQ) - 1` SQEs are in the kernel at once, so the completion queue
+//! cannot overflow; further requests wait in the slab until completions make
+//! room. Dropping the backend completes everything still queued or in flight
+//! before it returns.
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, types, IoUring, Probe};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::{backend_stopped, Op, Request};
 
 /// Submission queue size. The completion queue is twice this (the kernel
 /// default), and at most `RING_ENTRIES - 1` I/Os are in the kernel at once,
-/// plus the eventfd poll, so the CQ can never overflow.
+/// so the CQ can never overflow.
 const RING_ENTRIES: u32 = 256;
-/// user_data of the eventfd poll; slab keys are far smaller.
-const WAKE_KEY: u64 = u64::MAX;
 /// Largest single SQE transfer. Linux caps one read/write near 2 GiB anyway
 /// and a `u32` length caps it at 4 GiB; bigger buffers go in several steps
 /// through the short-transfer path.
 const MAX_CHUNK: usize = 1 << 30;
 
 pub(super) struct UringBackend {
-    /// `None` only while dropping: closing the channel is the stop signal.
-    tx: Option<mpsc::Sender<Request>>,
-    wake: Arc<Wake>,
-    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl UringBackend {
     /// Build a ring, check that the kernel lets us use it (a NOP round trip
-    /// and the opcodes we need), and start the ring thread. Any error here
-    /// means "io_uring is unavailable".
+    /// and the opcodes we need) and register its eventfd. Any error here
+    /// means "io_uring is unavailable". Nothing waits for completions until
+    /// the first submission decides how (see [`Shared::ensure_reaper`]), so
+    /// this works with or without a tokio runtime.
     pub(super) fn new() -> io::Result<UringBackend> {
         let mut ring: IoUring = IoUring::new(RING_ENTRIES)?;
         // A probe needs Linux 5.6, which is also when IORING_OP_READ/WRITE
@@ -57,7 +73,6 @@ impl UringBackend {
             (opcode::Read::CODE, "READ"),
             (opcode::Write::CODE, "WRITE"),
             (opcode::Fsync::CODE, "FSYNC"),
-            (opcode::PollAdd::CODE, "POLL_ADD"),
         ] {
             if !probe.is_supported(code) {
                 return Err(io::Error::new(
@@ -89,96 +104,119 @@ impl UringBackend {
         }
         // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
         let efd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let wake = Arc::new(Wake {
-            efd,
-            pending: AtomicBool::new(false),
-        });
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
 
-        let (tx, rx) = mpsc::channel();
         let max_in_kernel =
             (ring.params().sq_entries() as usize - 1).min(ring.params().cq_entries() as usize - 1);
-        let state = RingThread {
-            ring,
-            rx,
-            wake: wake.clone(),
-            slab: Slab::default(),
-            ready: VecDeque::new(),
-            in_kernel: 0,
-            max_in_kernel,
-            wake_armed: false,
-            closing: false,
-            cqes: Vec::new(),
-        };
-        let thread = std::thread::Builder::new()
-            .name("ballast-uring".into())
-            .spawn(move || state.run())?;
         Ok(UringBackend {
-            tx: Some(tx),
-            wake,
-            thread: Some(thread),
+            shared: Arc::new(Shared {
+                ring,
+                efd,
+                state: Mutex::new(State {
+                    slab: Slab::default(),
+                    ready: VecDeque::new(),
+                    in_kernel: 0,
+                    max_in_kernel,
+                    entering: false,
+                    closing: false,
+                }),
+                reaper: Mutex::new(Reaper::None),
+            }),
         })
     }
 
-    /// Queue a request and wake the ring thread if needed; never blocks.
+    /// Accept a request, start it if the in-kernel cap allows (entering the
+    /// kernel from this thread) and complete whatever has already finished.
+    /// Never blocks on I/O.
     pub(super) fn submit(&self, req: Request) {
-        let Some(tx) = &self.tx else {
-            return req.finish(Err(backend_stopped()));
-        };
-        match tx.send(req) {
-            Ok(()) => self.wake.notify(),
-            Err(mpsc::SendError(req)) => req.finish(Err(backend_stopped())),
+        let shared = &self.shared;
+        if let Err(e) = shared.ensure_reaper() {
+            tracing::error!(error = %e, "cannot start waiting for io_uring completions");
+            return req.finish(Err(e));
         }
+        let mut st = shared.state.lock();
+        let key = st.slab.insert(InFlight { req, done: 0 });
+        st.ready.push_back(key);
+        shared.pump(st);
     }
 }
 
 impl Drop for UringBackend {
-    /// Close the channel, wake the thread and wait for it: it completes
-    /// everything already queued or in flight before it exits.
+    /// Complete everything already queued or in flight, then stop the reaper
+    /// (and wait for it, if it is a thread).
     fn drop(&mut self) {
-        drop(self.tx.take());
-        self.wake.write();
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                tracing::error!("the io_uring thread panicked");
+        let shared = &self.shared;
+        let mut done = Vec::new();
+        {
+            let mut st = shared.state.lock();
+            st.closing = true;
+            // The lock is held throughout, so no one else consumes the CQ
+            // while this waits for it.
+            loop {
+                shared.reap(&mut st, &mut done);
+                shared.fill(&mut st);
+                if st.slab.is_empty() {
+                    break;
+                }
+                if let Err(e) = shared.ring.submitter().submit_and_wait(1) {
+                    if !transient(&e) {
+                        tracing::error!(error = %e, "io_uring_enter failed while shutting down");
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        finish_all(&mut done);
+        // Wake the reaper: with `closing` set and nothing left, it exits.
+        shared.poke();
+        let reaper = std::mem::replace(&mut *shared.reaper.lock(), Reaper::Closed);
+        if let Reaper::Thread(t) = reaper {
+            if t.thread().id() != std::thread::current().id() && t.join().is_err() {
+                tracing::error!("the io_uring completion thread panicked");
             }
         }
     }
 }
 
-/// The eventfd that wakes the ring thread, plus a flag that saves the write
-/// syscall when a wake-up is already on its way.
-///
-/// Invariant: while `pending` is true the eventfd counter is non-zero, so
-/// the ring's poll on it will complete and the thread will drain the
-/// channel after clearing the flag. Hence `reset` reads before clearing.
-struct Wake {
+/// Everything the callers, the reaper and the backend share.
+struct Shared {
+    /// The SQ and CQ are only touched with `state` locked;
+    /// `io_uring_enter` is called without it.
+    ring: IoUring,
+    /// Registered with the ring: the kernel signals it on every completion.
     efd: OwnedFd,
-    pending: AtomicBool,
+    state: Mutex<State>,
+    /// Who waits for completions. Never locked while `state` is held.
+    reaper: Mutex<Reaper>,
 }
 
-impl Wake {
-    /// Called after sending a request.
-    fn notify(&self) {
-        if !self.pending.swap(true, Ordering::SeqCst) {
-            self.write();
-        }
-    }
+/// The bookkeeping guarded by `Shared::state`.
+struct State {
+    slab: Slab<InFlight>,
+    /// Slab keys waiting for an SQE (new requests and remainders of short
+    /// transfers), in arrival order.
+    ready: VecDeque<usize>,
+    /// SQEs pushed whose CQE has not been reaped.
+    in_kernel: usize,
+    max_in_kernel: usize,
+    /// Some thread is inside `io_uring_enter` (without the lock); it checks
+    /// the SQ again when it comes back, so others need not enter.
+    entering: bool,
+    /// The backend is being dropped: the reaper exits once the slab is empty.
+    closing: bool,
+}
 
-    fn write(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an fd we own. A failure
-        // can only be EAGAIN (counter saturated), which still means readable.
-        unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    /// Called by the ring thread when the poll fires, before it drains.
-    fn reset(&self) {
-        let mut count: u64 = 0;
-        // SAFETY: reads 8 bytes into a live local from a non-blocking fd we
-        // own; EAGAIN (already zero) is fine.
-        unsafe { libc::read(self.efd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
-        self.pending.store(false, Ordering::SeqCst);
-    }
+/// What waits for completions (see the module docs).
+enum Reaper {
+    /// Nothing yet (or the previous reaper's runtime shut down while idle).
+    None,
+    /// A task on a multi-thread tokio runtime. `alive` dies with the task,
+    /// including when it is dropped without ever running.
+    Tokio { generation: u64, alive: Weak<()> },
+    /// A helper thread; it stays for the life of the backend.
+    Thread(JoinHandle<()>),
+    /// The backend has shut down.
+    Closed,
 }
 
 /// A request from acceptance to its final CQE. `done` counts bytes already
@@ -188,70 +226,275 @@ struct InFlight {
     done: usize,
 }
 
-/// Everything the ring thread owns.
-struct RingThread {
-    ring: IoUring,
-    rx: mpsc::Receiver<Request>,
-    wake: Arc<Wake>,
-    slab: Slab<InFlight>,
-    /// Slab keys waiting for an SQE (new requests and remainders of short
-    /// transfers), in arrival order.
-    ready: VecDeque<usize>,
-    /// SQEs submitted whose CQE has not been reaped (not counting the poll).
-    in_kernel: usize,
-    max_in_kernel: usize,
-    wake_armed: bool,
-    /// The channel is closed: finish what is left, then exit.
-    closing: bool,
-    /// Reused buffer of (user_data, result) pairs.
-    cqes: Vec<(u64, i32)>,
+/// Outcomes to hand back once the lock is released.
+type Done = Vec<(Request, io::Result<()>)>;
+
+fn finish_all(done: &mut Done) {
+    for (req, res) in done.drain(..) {
+        req.finish(res);
+    }
 }
 
-impl RingThread {
-    fn run(mut self) {
-        loop {
-            self.reap();
-            self.accept();
-            if self.closing && self.slab.is_empty() {
-                // Only the eventfd poll may still be armed; it references no
-                // memory, so dropping the ring now is safe.
-                return;
-            }
-            self.fill();
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) => {}
-                Err(e) => {
-                    // Unexpected: avoid spinning, and retry (the SQEs stay queued).
-                    tracing::error!(error = %e, "io_uring_enter failed");
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+/// `io_uring_enter` errors that only mean "try again".
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+    )
+}
+
+impl Shared {
+    /// Make sure something will wake the waiters of the I/O about to be
+    /// submitted: the reaper task of the current multi-thread runtime if
+    /// there is one (started here if needed), else the helper thread.
+    fn ensure_reaper(self: &Arc<Self>) -> io::Result<()> {
+        let mut reaper = self.reaper.lock();
+        match &*reaper {
+            Reaper::Thread(_) | Reaper::Closed => return Ok(()),
+            Reaper::Tokio { alive, .. } if alive.strong_count() > 0 => return Ok(()),
+            Reaper::Tokio { .. } | Reaper::None => {}
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                // Registering panics (rather than failing) on a runtime built
+                // without IO enabled; that runtime gets the thread instead.
+                let efd = EventFd(self.clone());
+                let registered = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    // SAFETY: `EventFd` owns an `Arc` of the `Shared` that
+                    // owns the fd, so the fd stays open (and the same) for
+                    // as long as the `AsyncFd` exists.
+                    unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }
+                }));
+                match registered {
+                    Ok(Ok(afd)) => {
+                        static GENERATION: AtomicU64 = AtomicU64::new(0);
+                        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+                        let token = Arc::new(());
+                        let alive = Arc::downgrade(&token);
+                        rt.spawn(reap_task(afd, generation, token));
+                        // A runtime that is shutting down drops the task at
+                        // once; then this caller needs the thread after all.
+                        if alive.strong_count() > 0 {
+                            *reaper = Reaper::Tokio { generation, alive };
+                            return Ok(());
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "cannot watch the io_uring eventfd with tokio")
+                    }
+                    Err(_) => tracing::debug!("the tokio runtime has IO disabled"),
                 }
             }
         }
+        let shared = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("ballast-uring".into())
+            .spawn(move || shared.reap_thread())?;
+        *reaper = Reaper::Thread(thread);
+        Ok(())
     }
 
-    fn reap(&mut self) {
-        let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(key, res) in &cqes {
-            if key == WAKE_KEY {
-                self.wake_armed = false;
-                self.wake.reset();
-            } else {
-                self.in_kernel -= 1;
-                self.complete(key as usize, res);
+    /// Reap, refill and submit until nothing is left to submit or another
+    /// thread is doing it; then hand back the outcomes, outside the lock.
+    fn pump<'a>(&'a self, mut st: MutexGuard<'a, State>) {
+        let mut done = Vec::new();
+        loop {
+            self.reap(&mut st, &mut done);
+            self.fill(&mut st);
+            if st.entering || self.sq_is_empty() {
+                break;
+            }
+            st.entering = true;
+            drop(st);
+            let res = self.ring.submitter().submit();
+            finish_all(&mut done);
+            st = self.state.lock();
+            st.entering = false;
+            match res {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The kernel is short of something. With other I/O in
+                // flight, its completion pumps again; otherwise back off.
+                Err(e) if transient(&e) && st.in_kernel > self.sq_len() => break,
+                Err(e) => {
+                    if !transient(&e) {
+                        tracing::error!(error = %e, "io_uring_enter failed");
+                    }
+                    drop(st);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    st = self.state.lock();
+                }
             }
         }
-        cqes.clear();
-        self.cqes = cqes;
+        drop(st);
+        finish_all(&mut done);
     }
 
+    fn sq_len(&self) -> usize {
+        // SAFETY: only called with `state` locked, which serialises every
+        // user of the SQ (the kernel is its only other party).
+        unsafe { self.ring.submission_shared() }.len()
+    }
+
+    fn sq_is_empty(&self) -> bool {
+        self.sq_len() == 0
+    }
+
+    /// Take every CQE there is (no syscall) and account for it.
+    fn reap(&self, st: &mut State, done: &mut Done) {
+        // SAFETY: `state` is locked (`st` borrows from its guard), which
+        // serialises every consumer of the CQ.
+        let mut cq = unsafe { self.ring.completion_shared() };
+        for cqe in &mut cq {
+            st.in_kernel -= 1;
+            st.complete(cqe.user_data() as usize, cqe.result(), done);
+        }
+    }
+
+    /// Turn queued work into SQEs, within the SQ space and the in-kernel cap
+    /// (so the CQ cannot overflow). What does not fit stays queued.
+    fn fill(&self, st: &mut State) {
+        if st.ready.is_empty() || st.in_kernel >= st.max_in_kernel {
+            return;
+        }
+        // SAFETY: `state` is locked, which serialises every producer of the
+        // SQ. The queue syncs its tail when dropped at the end of this call.
+        let mut sq = unsafe { self.ring.submission_shared() };
+        while st.in_kernel < st.max_in_kernel {
+            let Some(&key) = st.ready.front() else {
+                break;
+            };
+            let Some(f) = st.slab.get_mut(key) else {
+                st.ready.pop_front();
+                continue;
+            };
+            let sqe = sqe_for(f).user_data(key as u64);
+            // SAFETY: the SQE points into `f.req.buf` and names
+            // `f.req.file`'s fd; both are owned by the slab entry, which is
+            // removed only when its final CQE is reaped (or leaked, see
+            // `Drop for Shared`). The buffer's heap address never moves.
+            if unsafe { sq.push(&sqe) }.is_err() {
+                break; // SQ full: submit, then continue from here.
+            }
+            st.ready.pop_front();
+            st.in_kernel += 1;
+        }
+    }
+
+    /// Write to the eventfd, waking whatever reaper waits on it.
+    fn poke(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to an fd we own. A failure
+        // can only be EAGAIN (counter saturated), which still means readable.
+        unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Reset the eventfd's counter; EAGAIN (already zero) is fine.
+    fn drain_eventfd(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a live local from a non-blocking fd we own.
+        unsafe { libc::read(self.efd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+    }
+
+    /// One round of a reaper: returns false once the backend has closed and
+    /// nothing is left, when the reaper should exit.
+    fn reap_round(&self) -> bool {
+        // Reset before reaping: a completion posted after the reset signals
+        // the eventfd again, so none is missed.
+        self.drain_eventfd();
+        self.pump(self.state.lock());
+        let st = self.state.lock();
+        !(st.closing && st.slab.is_empty())
+    }
+
+    /// The helper thread, for callers outside a multi-thread tokio runtime.
+    fn reap_thread(self: Arc<Self>) {
+        while self.reap_round() {
+            let mut pfd = libc::pollfd {
+                fd: self.efd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls one live pollfd; EINTR just goes round again.
+            unsafe { libc::poll(&mut pfd, 1, -1) };
+        }
+    }
+}
+
+/// The reaper task: waits on the runtime's reactor for the eventfd.
+async fn reap_task(afd: AsyncFd<EventFd>, generation: u64, _alive: Arc<()>) {
+    let shared = &afd.get_ref().0;
+    // Created on the first poll, so a task dropped unpolled (its runtime was
+    // already shutting down) leaves only the dead `_alive` token behind.
+    let _handover = Handover {
+        shared: shared.clone(),
+        generation,
+    };
+    loop {
+        let mut guard = match afd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "waiting for io_uring completions failed");
+                return;
+            }
+        };
+        if !shared.reap_round() {
+            return;
+        }
+        // Only clears if no new readiness arrived since `readable` returned.
+        guard.clear_ready();
+    }
+}
+
+/// Dropped with the reaper task (which happens when its runtime shuts down
+/// while the backend lives on): requests still in flight get the helper
+/// thread, and the next submission picks a new reaper otherwise.
+struct Handover {
+    shared: Arc<Shared>,
+    generation: u64,
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        let mut reaper = self.shared.reaper.lock();
+        if !matches!(&*reaper, Reaper::Tokio { generation, .. } if *generation == self.generation)
+        {
+            return;
+        }
+        *reaper = Reaper::None;
+        let busy = {
+            let st = self.shared.state.lock();
+            !st.closing && !st.slab.is_empty()
+        };
+        if busy {
+            let shared = self.shared.clone();
+            match std::thread::Builder::new()
+                .name("ballast-uring".into())
+                .spawn(move || shared.reap_thread())
+            {
+                Ok(t) => *reaper = Reaper::Thread(t),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "cannot start the io_uring completion thread; in-flight I/O waits for the next submission"
+                ),
+            }
+        }
+    }
+}
+
+/// The eventfd as seen by tokio's reactor. Holding the `Shared` that owns
+/// the fd keeps it open until the reactor has forgotten it.
+struct EventFd(Arc<Shared>);
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.efd.as_raw_fd()
+    }
+}
+
+impl State {
     /// Account one CQE of slab entry `key`: finish it or queue the rest.
-    fn complete(&mut self, key: usize, res: i32) {
+    fn complete(&mut self, key: usize, res: i32, done: &mut Done) {
         let Some(f) = self.slab.get_mut(key) else {
             tracing::error!(key, "io_uring completion for an unknown request");
             return;
@@ -275,57 +518,10 @@ impl RingThread {
             }
         };
         match outcome {
-            Some(res) => self.slab.remove(key).req.finish(res),
+            Some(res) => done.push((self.slab.remove(key).req, res)),
             // Short transfer or interrupted: resubmit the remainder. It goes
             // to the front so one request is not starved by later ones.
             None => self.ready.push_front(key),
-        }
-    }
-
-    fn accept(&mut self) {
-        while !self.closing {
-            match self.rx.try_recv() {
-                Ok(req) => {
-                    let key = self.slab.insert(InFlight { req, done: 0 });
-                    self.ready.push_back(key);
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => self.closing = true,
-            }
-        }
-    }
-
-    /// Turn queued work into SQEs, within the SQ space and the in-kernel cap
-    /// (so the CQ cannot overflow). What does not fit stays queued.
-    fn fill(&mut self) {
-        let mut sq = self.ring.submission();
-        if !self.wake_armed && !self.closing {
-            let poll =
-                opcode::PollAdd::new(types::Fd(self.wake.efd.as_raw_fd()), libc::POLLIN as u32)
-                    .build()
-                    .user_data(WAKE_KEY);
-            // SAFETY: the poll references only the eventfd, which `self.wake`
-            // keeps open for as long as the ring exists.
-            self.wake_armed = unsafe { sq.push(&poll) }.is_ok();
-        }
-        while self.in_kernel < self.max_in_kernel {
-            let Some(&key) = self.ready.front() else {
-                break;
-            };
-            let Some(f) = self.slab.get_mut(key) else {
-                self.ready.pop_front();
-                continue;
-            };
-            let sqe = sqe_for(f).user_data(key as u64);
-            // SAFETY: the SQE points into `f.req.buf` and names
-            // `f.req.file`'s fd; both are owned by the slab entry, which is
-            // removed only when its final CQE is reaped (or leaked, see
-            // `Drop`). The buffer's heap address never moves.
-            if unsafe { sq.push(&sqe) }.is_err() {
-                break; // SQ full: submit, then continue from here.
-            }
-            self.ready.pop_front();
-            self.in_kernel += 1;
         }
     }
 }
@@ -355,12 +551,12 @@ fn sqe_for(f: &mut InFlight) -> io_uring::squeue::Entry {
     }
 }
 
-impl Drop for RingThread {
-    /// Normally the slab is empty here. If the thread is unwinding from a
-    /// panic with I/O still in the kernel, leak those buffers rather than
-    /// free memory the kernel may still write into.
+impl Drop for Shared {
+    /// Normally the slab is empty here (the backend's drop drained it). If
+    /// that was skipped by a panic with I/O still in the kernel, leak those
+    /// buffers rather than free memory the kernel may still write into.
     fn drop(&mut self) {
-        for mut f in self.slab.entries.drain(..).flatten() {
+        for mut f in self.state.get_mut().slab.entries.drain(..).flatten() {
             std::mem::forget(f.req.buf.take());
             f.req.finish(Err(backend_stopped()));
         }

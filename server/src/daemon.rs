@@ -1,0 +1,164 @@
+//! ballastd's command line and its start-up / shutdown sequence.
+
+use crate::engine_control::EngineControl;
+use crate::engine_export::EngineCatalog;
+use anyhow::{bail, Context};
+use ballast_engine::io::BackendChoice;
+use ballast_engine::{DiskSpec, Engine, EngineConfig};
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Size of the sparse disk file created on first start when no --disk is given.
+pub const DEFAULT_DISK_SIZE: u64 = 16 << 30;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ballastd",
+    version,
+    about = "Ballast storage node: pools local disks into thin, deduplicated, compressed volumes served over NBD",
+    long_about = "Ballast storage node.\n\n\
+        Pools this host's disks into thin, replicated-ready, deduplicated, lz4-compressed, checksummed \
+        block volumes, exports them over NBD and serves the gRPC control plane used by `ballast`.\n\n\
+        With no --disk, a 16 GiB sparse file DATA/disks/disk0.img is created on first start: enough to try \
+        Ballast with nothing else installed.",
+    after_help = "Examples:\n  ballastd                                    # ./ballast-data, sparse 16 GiB disk\n  \
+        ballastd --data /var/lib/ballast --disk /dev/nvme1n1 --disk /srv/b.img:100G\n  \
+        ballastd --listen-nbd 0.0.0.0:10809 --listen-api 0.0.0.0:7800 --io-backend threads"
+)]
+pub struct Args {
+    /// Folder for the metadata store and the default disk.
+    #[arg(long, default_value = "./ballast-data", value_name = "DIR")]
+    pub data: PathBuf,
+    /// A pool disk: a block device or a file, created sparse with SIZE (K/M/G/T) if missing. Repeatable.
+    /// Disks already in the pool are reopened automatically; naming a new one adds it.
+    #[arg(long = "disk", value_name = "PATH[:SIZE]")]
+    pub disks: Vec<String>,
+    /// Address for NBD clients.
+    #[arg(long, default_value = "127.0.0.1:10809", value_name = "ADDR")]
+    pub listen_nbd: SocketAddr,
+    /// Address of the gRPC control plane (what `ballast --api` talks to).
+    #[arg(long, default_value = "127.0.0.1:7800", value_name = "ADDR")]
+    pub listen_api: SocketAddr,
+    /// Data-disk I/O backend: io_uring, a thread pool, or auto (io_uring when the kernel and seccomp allow it).
+    #[arg(long, value_enum, default_value_t = IoBackendArg::Auto)]
+    pub io_backend: IoBackendArg,
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum IoBackendArg {
+    Auto,
+    Uring,
+    Threads,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parse `PATH[:SIZE]`; SIZE takes K/M/G/T suffixes (powers of 1024).
+pub fn parse_disk(s: &str) -> anyhow::Result<DiskSpec> {
+    let (path, size) = match s.rsplit_once(':') {
+        Some((p, sz)) if !p.is_empty() && sz.chars().next().is_some_and(|c| c.is_ascii_digit()) => {
+            let size = ballast_proto::size::parse_size(sz).with_context(|| format!("--disk {s}: bad size"))?;
+            (p, Some(size))
+        }
+        _ => (s, None),
+    };
+    if path.is_empty() {
+        bail!("--disk needs a path, as in --disk /srv/disk0.img:100G");
+    }
+    Ok(DiskSpec {
+        path: PathBuf::from(path),
+        create_size: size,
+    })
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg = EngineConfig::new(&args.data);
+    cfg.backend = match args.io_backend {
+        IoBackendArg::Auto => BackendChoice::Auto,
+        IoBackendArg::Uring => BackendChoice::Uring,
+        IoBackendArg::Threads => BackendChoice::Threads,
+    };
+    cfg.disks = args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<_>>()?;
+    if cfg.disks.is_empty() {
+        let dir = args.data.join("disks");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        cfg.disks.push(DiskSpec {
+            path: dir.join("disk0.img"),
+            create_size: Some(DEFAULT_DISK_SIZE),
+        });
+    }
+    let engine = Engine::open(cfg)
+        .await
+        .with_context(|| format!("opening the pool in {}", args.data.display()))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let nbd = crate::nbd::NbdServer::bind(
+        args.listen_nbd,
+        Arc::new(EngineCatalog::new(engine.clone())),
+        crate::nbd::NbdConfig::default(),
+    )
+    .await
+    .with_context(|| format!("listening for NBD on {}", args.listen_nbd))?;
+    let api_listener = tokio::net::TcpListener::bind(args.listen_api)
+        .await
+        .with_context(|| format!("listening for the API on {}", args.listen_api))?;
+    tracing::info!(
+        nbd = %args.listen_nbd,
+        api = %args.listen_api,
+        data = %args.data.display(),
+        backend = engine.backend_name(),
+        "ballastd ready"
+    );
+    let nbd_task = tokio::spawn(nbd.run(shutdown.clone()));
+    let control = Arc::new(EngineControl::new(engine.clone(), tokio::runtime::Handle::current()));
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(crate::control::serve_listener(api_listener, control, async move {
+        api_shutdown.cancelled().await
+    }));
+    wait_for_signal().await?;
+    tracing::info!("shutting down: finishing in-flight requests");
+    shutdown.cancel();
+    match nbd_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "NBD server stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "NBD server task failed"),
+    }
+    if let Ok(Err(e)) = api_task.await {
+        tracing::warn!(error = %e, "API server stopped with an error");
+    }
+    engine.shutdown().await.context("final flush")?;
+    tracing::info!("all data flushed; bye");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
