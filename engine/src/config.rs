@@ -30,6 +30,8 @@ pub struct EngineConfig {
     /// Commit at least this often when there are unflushed writes, so crash
     /// loss and recovery work stay bounded even for clients that never flush.
     pub commit_interval: std::time::Duration,
+    /// Decoded blocks kept in memory for reads (0 disables the cache).
+    pub read_cache_bytes: u64,
     /// Run the background space cleaner.
     pub cleaner: bool,
     /// Test hook: open disks through this instead of the I/O backend.
@@ -45,6 +47,7 @@ impl EngineConfig {
             segment_size: 4 << 20,
             meta_cache_bytes: 64 << 20,
             commit_interval: std::time::Duration::from_secs(1),
+            read_cache_bytes: 256 << 20,
             cleaner: true,
             disk_opener: None,
         }
@@ -138,6 +141,7 @@ pub struct NodeStats {
     /// Metadata store memory: block cache in use, and memtables not yet flushed.
     pub metadata_cache_bytes: u64,
     pub metadata_write_buffer_bytes: u64,
+    pub read_cache_bytes: u64,
     pub dedup_ratio: f64,
     pub compression_ratio: f64,
     pub checksum_errors: u64,

@@ -35,7 +35,9 @@ pub(crate) struct Inner {
     pub state: Mutex<State>,
     pub catalog: RwLock<HashMap<String, Arc<VolumeShared>>>,
     pub rt: tokio::runtime::Handle,
-    commit_lock: tokio::sync::Mutex<()>,
+    commit_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Set by `crash`: no new commit may start.
+    frozen: AtomicBool,
     commits_started: AtomicU64,
     commits_done: tokio::sync::watch::Sender<u64>,
     pub failed: Mutex<Option<String>>,
@@ -45,6 +47,7 @@ pub(crate) struct Inner {
     /// Serialises control operations (create, delete, snapshot, ...).
     control: tokio::sync::Mutex<()>,
     pub(crate) cleaner_wake: tokio::sync::Notify,
+    pub(crate) read_cache: crate::read_cache::ReadCache,
 }
 
 /// A node's storage engine. Cheap to clone; all clones share one pool.
@@ -182,7 +185,8 @@ impl Engine {
             }),
             catalog: RwLock::new(catalog),
             meta,
-            commit_lock: tokio::sync::Mutex::new(()),
+            commit_lock: Arc::new(tokio::sync::Mutex::new(())),
+            frozen: AtomicBool::new(false),
             commits_started: AtomicU64::new(0),
             commits_done: done_tx,
             failed: Mutex::new(None),
@@ -191,6 +195,7 @@ impl Engine {
             tasks: Mutex::new(Vec::new()),
             control: tokio::sync::Mutex::new(()),
             cleaner_wake: tokio::sync::Notify::new(),
+            read_cache: crate::read_cache::ReadCache::new(cfg.read_cache_bytes),
             cfg,
         });
         let engine = Engine { inner };
@@ -263,6 +268,10 @@ impl Engine {
     /// (tests reopen the same data folder afterwards).
     pub async fn crash(self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.frozen.store(true, Ordering::SeqCst);
+        // A commit already running completes (the power fails just after it);
+        // holding the lock keeps any other from starting.
+        let _no_more_commits = self.inner.commit_lock.clone().lock_owned().await;
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock());
         for t in tasks {
             t.abort();
@@ -592,6 +601,7 @@ impl Engine {
             metadata_bytes: metadata,
             metadata_cache_bytes,
             metadata_write_buffer_bytes,
+            read_cache_bytes: self.inner.read_cache.weight(),
             dedup_ratio: ratio(logical, unique),
             compression_ratio: ratio(unique, stored),
             checksum_errors: self.inner.checksum_errors.load(Ordering::Relaxed),
@@ -787,28 +797,43 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) async fn flush(&self) -> Result<()> {
+    pub(crate) async fn flush(self: &Arc<Self>) -> Result<()> {
         let target = self.commits_started.load(Ordering::SeqCst) + 1;
         let mut rx = self.commits_done.subscribe();
         loop {
             if *rx.borrow_and_update() >= target {
                 return Ok(());
             }
-            let guard = self.commit_lock.lock().await;
+            let guard = self.commit_lock.clone().lock_owned().await;
             if *rx.borrow_and_update() >= target {
                 return Ok(());
+            }
+            if self.frozen.load(Ordering::SeqCst) {
+                return Err(EngineError::ShuttingDown);
             }
             if let Some(why) = &*self.failed.lock() {
                 return Err(EngineError::FailedPrecondition(format!(
                     "cannot flush after an earlier failure ({why}): restart ballastd"
                 )));
             }
-            let r = self.commit().await;
-            drop(guard);
-            if let Err(e) = r {
-                tracing::error!(error = %e, "commit failed; refusing further writes");
-                *self.failed.lock() = Some(e.to_string());
-                return Err(e);
+            // The commit runs in its own task: a caller that gives up (a
+            // dropped NBD request, an aborted task) must not cancel a commit
+            // halfway, which would lose the frozen overlay.
+            let inner = self.clone();
+            let task = self.rt.spawn(async move {
+                let r = inner.commit().await;
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "commit failed; refusing further writes");
+                    *inner.failed.lock() = Some(e.to_string());
+                }
+                drop(guard);
+                r
+            });
+            match task.await {
+                Ok(r) => r?,
+                Err(e) => {
+                    return Err(EngineError::FailedPrecondition(format!("the commit task died: {e}")));
+                }
             }
         }
     }

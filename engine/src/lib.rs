@@ -13,6 +13,7 @@
 //! - `state`: the in-memory overlay of uncommitted metadata changes.
 //! - `engine`: opening/recovery, group commit, control operations, stats.
 //! - `volume`: the read and write paths of one volume.
+//! - `read_cache`: decoded blocks by identity, shared by all volumes.
 //! - `cleaner`: space reclamation.
 //!
 //! docs/ARCHITECTURE.md describes the formats and the crash-recovery argument.
@@ -25,6 +26,7 @@ pub mod io;
 mod key;
 mod meta;
 mod pool;
+mod read_cache;
 mod record;
 mod segment;
 mod state;

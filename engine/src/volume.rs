@@ -247,6 +247,7 @@ impl Volume {
         }
         let at = (offset - first * bs) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
+        let buf = Bytes::from(buf);
         match self.write_blocks(first, &buf) {
             Err(EngineError::NoSpace) => {
                 self.inner.make_space().await?;
@@ -257,7 +258,7 @@ impl Volume {
     }
 
     /// The synchronous heart of the write path (see the module comment).
-    fn write_blocks(&self, lba0: u64, data: &[u8]) -> Result<()> {
+    fn write_blocks(&self, lba0: u64, data: &Bytes) -> Result<()> {
         self.check_live()?;
         let bs = self.v.block_size as usize;
         let n = data.len() / bs;
@@ -364,6 +365,12 @@ impl Volume {
                 continue;
             }
             tx.set_blocks(self.v.id, lba0, &keys)?;
+            drop(st);
+            for (i, k) in keys.iter().enumerate() {
+                if let Some(k) = k {
+                    self.inner.read_cache.insert(*k, data.slice(i * bs..(i + 1) * bs));
+                }
+            }
             return Ok(());
         }
         Err(EngineError::FailedPrecondition(
@@ -424,6 +431,24 @@ impl Volume {
         buf: &mut [u8],
     ) -> Result<()> {
         let bs = self.v.block_size as usize;
+        // Cached blocks first; only the rest go to the index and the disks.
+        let mut missing: Vec<Option<BlockKey>> = vec![None; keys.len()];
+        let mut any_missing = false;
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(k) = k {
+                match self.inner.read_cache.get(k) {
+                    Some(b) if b.len() == bs => buf[i * bs..(i + 1) * bs].copy_from_slice(&b),
+                    _ => {
+                        missing[i] = Some(*k);
+                        any_missing = true;
+                    }
+                }
+            }
+        }
+        if !any_missing {
+            return Ok(());
+        }
+        let keys = &missing[..];
         for _attempt in 0..3 {
             let metas = self.inner.resolve_records(keys.iter().flatten())?;
             let mut wanted = Vec::new();
@@ -447,7 +472,15 @@ impl Volume {
                     })
                 }
                 Err(ReadFault::Engine(e)) => return Err(e),
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    for (i, k) in keys.iter().enumerate() {
+                        if let Some(k) = k {
+                            let block = Bytes::copy_from_slice(&buf[i * bs..(i + 1) * bs]);
+                            self.inner.read_cache.insert(*k, block);
+                        }
+                    }
+                    return Ok(());
+                }
             }
         }
         Err(EngineError::FailedPrecondition(

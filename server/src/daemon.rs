@@ -44,6 +44,10 @@ pub struct Args {
     /// Data-disk I/O backend: io_uring, a thread pool, or auto (io_uring when the kernel and seccomp allow it).
     #[arg(long, value_enum, default_value_t = IoBackendArg::Auto)]
     pub io_backend: IoBackendArg,
+    /// Memory for caching decoded blocks for reads (K/M/G suffixes; 0 disables). Shared by all volumes;
+    /// deduplicated blocks are cached once.
+    #[arg(long, default_value = "1G", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub read_cache: u64,
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -60,6 +64,10 @@ pub enum IoBackendArg {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    ballast_proto::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// Parse `PATH[:SIZE]`; SIZE takes K/M/G/T suffixes (powers of 1024).
@@ -100,6 +108,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         IoBackendArg::Uring => BackendChoice::Uring,
         IoBackendArg::Threads => BackendChoice::Threads,
     };
+    cfg.read_cache_bytes = args.read_cache;
     cfg.disks = args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<_>>()?;
     if cfg.disks.is_empty() {
         let dir = args.data.join("disks");

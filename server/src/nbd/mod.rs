@@ -1,1 +1,20 @@
-//! NBD server.
+//! NBD server: exports volumes over the Network Block Device protocol.
+//!
+//! * [`export`]: the [`Export`] / [`ExportCatalog`] seam to the storage engine
+//!   (and its call-ordering contract).
+//! * [`proto`]: wire constants and header encoding/decoding.
+//! * `handshake`: fixed newstyle option haggling.
+//! * `transmission`: the pipelined request loop and reply writer.
+//! * [`server`]: [`NbdServer`] (accept loop, graceful shutdown) and
+//!   [`NbdConfig`].
+//! * [`memory_export`]: an in-memory export for tests.
+
+pub mod export;
+mod handshake;
+pub mod memory_export;
+pub mod proto;
+pub mod server;
+mod transmission;
+
+pub use export::{Export, ExportCatalog, ExportError, ExportFuture, Extent};
+pub use server::{NbdConfig, NbdServer};

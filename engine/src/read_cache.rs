@@ -1,0 +1,48 @@
+//! A cache of decoded blocks, keyed by block identity.
+//!
+//! A block key names immutable content (blake3 + nonce), so an entry never
+//! goes stale: no invalidation on overwrite, trim or cleaner moves. Keys are
+//! shared across volumes, so deduplicated content is cached once. Writes
+//! populate it too (zero-copy slices of the written buffer), which serves
+//! read-after-write from memory.
+
+use crate::key::BlockKey;
+use bytes::Bytes;
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+
+#[derive(Clone)]
+struct ByLen;
+
+impl Weighter<BlockKey, Bytes> for ByLen {
+    fn weight(&self, _key: &BlockKey, val: &Bytes) -> u64 {
+        // Bookkeeping per entry is roughly a key plus a Bytes header.
+        val.len() as u64 + 80
+    }
+}
+
+pub(crate) struct ReadCache {
+    cache: Option<Cache<BlockKey, Bytes, ByLen>>,
+}
+
+impl ReadCache {
+    pub fn new(bytes: u64) -> ReadCache {
+        let cache = (bytes >= 1 << 20).then(|| Cache::with_weighter((bytes / 4096) as usize, bytes, ByLen));
+        ReadCache { cache }
+    }
+
+    pub fn get(&self, key: &BlockKey) -> Option<Bytes> {
+        self.cache.as_ref()?.get(key)
+    }
+
+    pub fn insert(&self, key: BlockKey, block: Bytes) {
+        if let Some(c) = &self.cache {
+            c.insert(key, block);
+        }
+    }
+
+    /// Bytes currently held.
+    pub fn weight(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.weight())
+    }
+}

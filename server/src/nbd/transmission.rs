@@ -1,0 +1,1013 @@
+//! The transmission phase: a reader that decodes requests and starts them in
+//! arrival order, and a writer task that serialises replies.
+//!
+//! Flow for one connection:
+//! * The reader (the connection's own task) reads a header, takes an
+//!   in-flight permit (at most `max_in_flight` requests and
+//!   `max_in_flight_bytes` of payload per connection), reads any payload,
+//!   validates, then calls the [`Export`] method and polls the returned future
+//!   once, right there. That first poll happens before the next request is
+//!   even decoded, which is what gives the export its ordering guarantee (see
+//!   [`crate::nbd::export`]). A future that completes on that poll is replied
+//!   to directly; one that does not is moved to its own task.
+//! * Replies go through a bounded channel to the writer task, which encodes
+//!   them into one buffer (large read payloads are sent zero-copy as separate
+//!   slices) and writes everything queued with vectored writes, so a burst of
+//!   completions costs one syscall. The permit travels with the reply and is
+//!   released only once the reply is written: a client that does not read its
+//!   replies stops the reader, so memory stays bounded.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::task::noop_waker_ref;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::export::{Export, ExportError, ExportFuture, Extent};
+use super::handshake::Negotiated;
+use super::proto::{self, HeaderMode, Request};
+use super::server::NbdConfig;
+
+/// Reads smaller than this inside a read are sent as data, not hole chunks.
+const MIN_HOLE_CHUNK: u64 = 4096;
+/// Payloads at least this large are written from their own buffer instead of
+/// being copied into the batch buffer.
+const ZERO_COPY_MIN: usize = 16 * 1024;
+/// Stop batching replies once this much is queued for one write.
+const BATCH_BYTES: usize = 4 << 20;
+/// Most descriptors sent in one block status reply.
+const MAX_DESCRIPTORS: usize = 1 << 16;
+/// Longest extent length in a compact block status descriptor (a 512
+/// multiple that fits in u32).
+const MAX_COMPACT_EXTENT: u64 = 0xffff_fe00;
+
+/// Permits held by a request until its reply has been written.
+struct Permits {
+    _req: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+enum Body {
+    /// Success without payload (error 0) or an error.
+    Status { error: u32, msg: Option<String> },
+    /// Successful READ: data plus where it reads as zeros.
+    Read {
+        data: Bytes,
+        extents: Vec<Extent>,
+        df: bool,
+    },
+    /// Successful BLOCK_STATUS for one context: (length, flags) runs.
+    BlockStatus { ctx: u32, extents: Vec<(u64, u32)> },
+}
+
+struct Reply {
+    cookie: u64,
+    offset: u64,
+    body: Body,
+    permits: Permits,
+}
+
+fn ok() -> Body {
+    Body::Status {
+        error: 0,
+        msg: None,
+    }
+}
+
+fn err(error: u32, msg: impl Into<String>) -> Body {
+    Body::Status {
+        error,
+        msg: Some(msg.into()),
+    }
+}
+
+fn from_export_error(e: ExportError) -> Body {
+    let errno = e.errno();
+    Body::Status {
+        error: errno,
+        msg: Some(e.to_string()),
+    }
+}
+
+/// Why the request loop ended.
+#[derive(Debug)]
+enum End {
+    Disc,
+    Eof,
+    Stopped,
+    Violation(String),
+    Io(io::Error),
+}
+
+/// What the connection task learns when the transmission phase is over.
+pub(crate) struct Closed {
+    /// Whether any write-type request was started (so a flush is worthwhile).
+    pub dirty: bool,
+}
+
+struct Reader<'a, R> {
+    rd: R,
+    peer: SocketAddr,
+    cfg: &'a NbdConfig,
+    export: Arc<dyn Export>,
+    size: u64,
+    mode: HeaderMode,
+    read_only: bool,
+    allocation_ctx: Option<u32>,
+    tx: mpsc::Sender<Reply>,
+    req_sem: Arc<Semaphore>,
+    byte_sem: Arc<Semaphore>,
+    byte_units: u32,
+    stop: CancellationToken,
+    dirty: bool,
+}
+
+/// Runs the transmission phase until the client disconnects, a protocol
+/// violation, or `stop` (server shutdown) fires. In-flight requests are
+/// always finished and their replies written (while the socket allows).
+pub(crate) async fn serve<R, W>(
+    rd: R,
+    wr: W,
+    neg: Negotiated,
+    cfg: &NbdConfig,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) -> Closed
+where
+    R: AsyncRead + Unpin + Send + Sync,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let max_in_flight = cfg.max_in_flight.max(1);
+    let (tx, rx) = mpsc::channel(max_in_flight);
+    // Units of 1 KiB; a single maximal request must always fit.
+    let byte_units = (cfg.max_in_flight_bytes / 1024)
+        .max(cfg.max_payload as usize / 1024 + 1)
+        .min(u32::MAX as usize >> 1);
+    // Cancelled by the writer if the socket fails, or by server shutdown.
+    let conn_stop = stop.child_token();
+    let writer = tokio::spawn(write_replies(wr, rx, neg.mode, conn_stop.clone()));
+
+    let mut r = Reader {
+        rd,
+        peer,
+        cfg,
+        read_only: neg.export.read_only(),
+        export: neg.export,
+        size: neg.size,
+        mode: neg.mode,
+        allocation_ctx: neg.allocation_ctx,
+        tx,
+        req_sem: Arc::new(Semaphore::new(max_in_flight)),
+        byte_sem: Arc::new(Semaphore::new(byte_units)),
+        byte_units: byte_units as u32,
+        stop: conn_stop.clone(),
+        dirty: false,
+    };
+    let end = r.run().await;
+    let dirty = r.dirty;
+    drop(r); // drops our reply sender: the writer ends after the last in-flight reply
+
+    match &end {
+        End::Disc => tracing::debug!(peer = %peer, "client sent NBD_CMD_DISC"),
+        End::Eof => tracing::debug!(peer = %peer, "client closed the connection"),
+        End::Stopped => tracing::debug!(peer = %peer, "transmission stopped"),
+        End::Violation(m) => tracing::warn!(peer = %peer, "protocol violation, closing: {m}"),
+        End::Io(e) => tracing::debug!(peer = %peer, error = %e, "connection read failed"),
+    }
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "writing replies failed"),
+        Err(e) => tracing::warn!(peer = %peer, error = %e, "reply writer task failed"),
+    }
+    Closed { dirty }
+}
+
+impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
+    async fn run(&mut self) -> End {
+        let hlen = self.mode.request_len();
+        let mut hdr = [0u8; proto::EXTENDED_REQUEST_LEN];
+        loop {
+            let read = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return End::Stopped,
+                r = self.rd.read_exact(&mut hdr[..hlen]) => r,
+            };
+            match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return End::Eof,
+                Err(e) => return End::Io(e),
+            }
+            let req = match Request::decode(self.mode, &hdr[..hlen]) {
+                Ok(r) => r,
+                Err(proto::HeaderError::BadMagic(m)) => {
+                    return End::Violation(format!("bad request magic {m:#010x}"))
+                }
+            };
+            if req.typ == proto::CMD_DISC {
+                return End::Disc;
+            }
+            match self.handle(req).await {
+                Ok(()) => {}
+                Err(end) => return end,
+            }
+        }
+    }
+
+    /// Takes the permits for one request; `bytes` is the payload it will hold.
+    async fn permits(&self, bytes: u64) -> Result<Permits, End> {
+        let units = (bytes.div_ceil(1024) as u32).min(self.byte_units);
+        let acquire = async {
+            let req = self
+                .req_sem
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            let b = if units > 0 {
+                Some(
+                    self.byte_sem
+                        .clone()
+                        .acquire_many_owned(units)
+                        .await
+                        .expect("never closed"),
+                )
+            } else {
+                None
+            };
+            Permits {
+                _req: req,
+                _bytes: b,
+            }
+        };
+        tokio::select! {
+            biased;
+            p = acquire => Ok(p),
+            _ = self.stop.cancelled() => Err(End::Stopped),
+        }
+    }
+
+    async fn send(&self, req: &Request, body: Body, permits: Permits) {
+        // A failed send means the writer is gone; the loop notices via `stop`.
+        let _ = self
+            .tx
+            .send(Reply {
+                cookie: req.cookie,
+                offset: req.offset,
+                body,
+                permits,
+            })
+            .await;
+    }
+
+    async fn reject(&self, req: &Request, error: u32, msg: String) -> Result<(), End> {
+        let p = self.permits(0).await?;
+        self.send(req, err(error, msg), p).await;
+        Ok(())
+    }
+
+    /// Reads and drops `len` payload bytes.
+    async fn discard(&mut self, len: u64) -> Result<(), End> {
+        let mut src = (&mut self.rd).take(len);
+        let mut sink = tokio::io::sink();
+        let copy = tokio::io::copy(&mut src, &mut sink);
+        let n = tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => return Err(End::Stopped),
+            r = copy => r.map_err(End::Io)?,
+        };
+        if n != len {
+            return Err(End::Eof);
+        }
+        Ok(())
+    }
+
+    async fn read_payload(&mut self, len: usize) -> Result<Bytes, End> {
+        let mut buf = BytesMut::with_capacity(len);
+        let rd = &mut self.rd;
+        let fill = async {
+            while buf.len() < len {
+                let want = len - buf.len();
+                let n = rd.read_buf(&mut (&mut buf).limit(want)).await?;
+                if n == 0 {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                }
+            }
+            Ok(())
+        };
+        let r = tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => return Err(End::Stopped),
+            r = fill => r,
+        };
+        match r {
+            Ok(()) => Ok(buf.freeze()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(End::Eof),
+            Err(e) => Err(End::Io(e)),
+        }
+    }
+
+    fn out_of_range(&self, offset: u64, len: u64) -> bool {
+        match offset.checked_add(len) {
+            Some(end) => end > self.size,
+            None => true,
+        }
+    }
+
+    /// Polls `fut` once here; replies at once if it is done, else finishes it
+    /// on its own task.
+    async fn start<T, F>(
+        &self,
+        req: &Request,
+        permits: Permits,
+        mut fut: ExportFuture<T>,
+        finish: F,
+    ) where
+        T: Send + 'static,
+        F: FnOnce(Result<T, ExportError>) -> Body + Send + 'static,
+    {
+        let first = fut
+            .as_mut()
+            .poll(&mut Context::from_waker(noop_waker_ref()));
+        match first {
+            Poll::Ready(r) => self.send(req, finish(r), permits).await,
+            Poll::Pending => {
+                let tx = self.tx.clone();
+                let (cookie, offset) = (req.cookie, req.offset);
+                tokio::spawn(async move {
+                    let body = finish(fut.await);
+                    let _ = tx
+                        .send(Reply {
+                            cookie,
+                            offset,
+                            body,
+                            permits,
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+
+    async fn handle(&mut self, req: Request) -> Result<(), End> {
+        let ext = self.mode == HeaderMode::Extended;
+        let payload_flag = if ext { proto::CMD_FLAG_PAYLOAD_LEN } else { 0 };
+        let allowed = proto::CMD_FLAG_FUA
+            | match req.typ {
+                proto::CMD_READ if self.mode.structured() => proto::CMD_FLAG_DF,
+                proto::CMD_WRITE => payload_flag,
+                proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
+                proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
+                _ => 0,
+            };
+        let bad_flags = req.flags & !allowed;
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+
+        if req.typ == proto::CMD_WRITE {
+            return self.handle_write(req, bad_flags, fua).await;
+        }
+        // With extended headers a non-write request may carry a payload
+        // (PAYLOAD_LEN); none of ours accept one: skip it and refuse.
+        if ext && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
+            if req.len > self.cfg.max_payload as u64 {
+                return Err(End::Violation(format!(
+                    "{} with a {}-byte payload",
+                    proto::command_name(req.typ),
+                    req.len
+                )));
+            }
+            self.discard(req.len).await?;
+            tracing::info!(peer = %self.peer, cmd = proto::command_name(req.typ), "request with an unexpected payload");
+            return self
+                .reject(&req, proto::EINVAL, "this command takes no payload".into())
+                .await;
+        }
+        if !matches!(
+            req.typ,
+            proto::CMD_READ
+                | proto::CMD_FLUSH
+                | proto::CMD_TRIM
+                | proto::CMD_CACHE
+                | proto::CMD_WRITE_ZEROES
+                | proto::CMD_BLOCK_STATUS
+        ) {
+            tracing::info!(peer = %self.peer, cmd = req.typ, "unknown command");
+            return self
+                .reject(&req, proto::EINVAL, format!("unknown command {}", req.typ))
+                .await;
+        }
+        if bad_flags != 0 {
+            tracing::info!(peer = %self.peer, cmd = proto::command_name(req.typ), flags = format_args!("{:#x}", req.flags), "unsupported command flags");
+            return self
+                .reject(
+                    &req,
+                    proto::EINVAL,
+                    format!(
+                        "unsupported flags {bad_flags:#x} for {}",
+                        proto::command_name(req.typ)
+                    ),
+                )
+                .await;
+        }
+
+        match req.typ {
+            proto::CMD_READ => {
+                if req.len > self.cfg.max_payload as u64 {
+                    return self
+                        .reject(
+                            &req,
+                            proto::EINVAL,
+                            format!("read of {} bytes exceeds the maximum", req.len),
+                        )
+                        .await;
+                }
+                if self.out_of_range(req.offset, req.len) {
+                    return self
+                        .reject(
+                            &req,
+                            proto::EINVAL,
+                            "read past the end of the export".into(),
+                        )
+                        .await;
+                }
+                let permits = self.permits(req.len).await?;
+                let len = req.len as u32;
+                if len == 0 {
+                    self.send(
+                        &req,
+                        Body::Read {
+                            data: Bytes::new(),
+                            extents: Vec::new(),
+                            df: false,
+                        },
+                        permits,
+                    )
+                    .await;
+                    return Ok(());
+                }
+                let df = req.flags & proto::CMD_FLAG_DF != 0;
+                if self.mode.structured() && !df {
+                    let fut = self.export.read_extents(req.offset, len);
+                    self.start(&req, permits, fut, move |r| match r {
+                        Ok((data, extents)) => read_body(data, extents, len, false),
+                        Err(e) => from_export_error(e),
+                    })
+                    .await;
+                } else {
+                    let fut = self.export.read(req.offset, len);
+                    self.start(&req, permits, fut, move |r| match r {
+                        Ok(data) => read_body(data, Vec::new(), len, df),
+                        Err(e) => from_export_error(e),
+                    })
+                    .await;
+                }
+            }
+            proto::CMD_FLUSH => {
+                let permits = self.permits(0).await?;
+                let fut = self.export.flush();
+                self.start(&req, permits, fut, status_body).await;
+            }
+            proto::CMD_TRIM => {
+                if self.read_only {
+                    return self
+                        .reject(&req, proto::EPERM, "export is read-only".into())
+                        .await;
+                }
+                if self.out_of_range(req.offset, req.len) {
+                    return self
+                        .reject(
+                            &req,
+                            proto::EINVAL,
+                            "trim past the end of the export".into(),
+                        )
+                        .await;
+                }
+                let permits = self.permits(0).await?;
+                if req.len == 0 {
+                    self.send(&req, ok(), permits).await;
+                    return Ok(());
+                }
+                self.dirty = true;
+                let fut = self.export.trim(req.offset, req.len, fua);
+                self.start(&req, permits, fut, status_body).await;
+            }
+            proto::CMD_CACHE => {
+                if self.out_of_range(req.offset, req.len) {
+                    return self
+                        .reject(
+                            &req,
+                            proto::EINVAL,
+                            "cache past the end of the export".into(),
+                        )
+                        .await;
+                }
+                let permits = self.permits(0).await?;
+                if req.len == 0 {
+                    self.send(&req, ok(), permits).await;
+                    return Ok(());
+                }
+                let fut = self.export.cache(req.offset, req.len);
+                self.start(&req, permits, fut, status_body).await;
+            }
+            proto::CMD_WRITE_ZEROES => {
+                if self.read_only {
+                    return self
+                        .reject(&req, proto::EPERM, "export is read-only".into())
+                        .await;
+                }
+                if self.out_of_range(req.offset, req.len) {
+                    return self
+                        .reject(
+                            &req,
+                            proto::ENOSPC,
+                            "write zeroes past the end of the export".into(),
+                        )
+                        .await;
+                }
+                let permits = self.permits(0).await?;
+                if req.len == 0 {
+                    self.send(&req, ok(), permits).await;
+                    return Ok(());
+                }
+                self.dirty = true;
+                let no_hole = req.flags & proto::CMD_FLAG_NO_HOLE != 0;
+                let fast = req.flags & proto::CMD_FLAG_FAST_ZERO != 0;
+                let fut = self.export.write_zeroes(req.offset, req.len, fua, no_hole);
+                self.start(&req, permits, fut, move |r| match r {
+                    Ok(()) => ok(),
+                    // ENOTSUP is only allowed as the answer to a fast zero.
+                    Err(ExportError::NotSupported(m)) if !fast => err(proto::EIO, m),
+                    Err(e) => from_export_error(e),
+                })
+                .await;
+            }
+            proto::CMD_BLOCK_STATUS => {
+                let Some(ctx) = self.allocation_ctx else {
+                    return self
+                        .reject(
+                            &req,
+                            proto::EINVAL,
+                            "no metadata context was negotiated".into(),
+                        )
+                        .await;
+                };
+                if req.len == 0 {
+                    return self
+                        .reject(&req, proto::EINVAL, "block status of zero bytes".into())
+                        .await;
+                }
+                if self.out_of_range(req.offset, req.len) {
+                    return self
+                        .reject(
+                            &req,
+                            proto::EINVAL,
+                            "block status past the end of the export".into(),
+                        )
+                        .await;
+                }
+                let permits = self.permits(0).await?;
+                let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+                let max_ext = if self.mode == HeaderMode::Extended {
+                    u64::MAX
+                } else {
+                    MAX_COMPACT_EXTENT
+                };
+                let len = req.len;
+                let fut = self.export.block_status(req.offset, len);
+                self.start(&req, permits, fut, move |r| match r {
+                    Ok(ext) => Body::BlockStatus {
+                        ctx,
+                        extents: normalise_extents(&ext, len, req_one, max_ext),
+                    },
+                    Err(e) => from_export_error(e),
+                })
+                .await;
+            }
+            _ => unreachable!("filtered above"),
+        }
+        Ok(())
+    }
+
+    async fn handle_write(&mut self, req: Request, bad_flags: u16, fua: bool) -> Result<(), End> {
+        if req.len > self.cfg.max_payload as u64 {
+            // Never allocate (or wait for) a claimed size above the cap.
+            return Err(End::Violation(format!(
+                "WRITE of {} bytes exceeds the {}-byte maximum",
+                req.len, self.cfg.max_payload
+            )));
+        }
+        let refusal = if bad_flags != 0 {
+            tracing::info!(peer = %self.peer, flags = format_args!("{:#x}", req.flags), "unsupported WRITE flags");
+            Some((
+                proto::EINVAL,
+                format!("unsupported flags {bad_flags:#x} for WRITE"),
+            ))
+        } else if self.read_only {
+            Some((proto::EPERM, "export is read-only".to_string()))
+        } else if self.out_of_range(req.offset, req.len) {
+            Some((
+                proto::ENOSPC,
+                "write past the end of the export".to_string(),
+            ))
+        } else {
+            None
+        };
+        if let Some((errno, msg)) = refusal {
+            // Keep the stream in sync: the payload must be consumed.
+            self.discard(req.len).await?;
+            return self.reject(&req, errno, msg).await;
+        }
+        let permits = self.permits(req.len).await?;
+        let data = self.read_payload(req.len as usize).await?;
+        if data.is_empty() {
+            self.send(&req, ok(), permits).await;
+            return Ok(());
+        }
+        self.dirty = true;
+        let fut = self.export.write(req.offset, data, fua);
+        self.start(&req, permits, fut, status_body).await;
+        Ok(())
+    }
+}
+
+fn status_body(r: Result<(), ExportError>) -> Body {
+    match r {
+        Ok(()) => ok(),
+        Err(e) => from_export_error(e),
+    }
+}
+
+fn read_body(data: Bytes, extents: Vec<Extent>, len: u32, df: bool) -> Body {
+    if data.len() != len as usize {
+        return err(
+            proto::EIO,
+            format!("export returned {} bytes for a {len}-byte read", data.len()),
+        );
+    }
+    Body::Read { data, extents, df }
+}
+
+/// Turns an export's answer into what a BLOCK_STATUS reply may carry: no
+/// empty extents, consecutive equal statuses merged, at least one extent,
+/// every extent but the last starting inside the request and the total not
+/// past it, each length representable, and exactly one with REQ_ONE.
+pub(crate) fn normalise_extents(
+    ext: &[Extent],
+    req_len: u64,
+    req_one: bool,
+    max_ext: u64,
+) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut total = 0u64;
+    for e in ext {
+        if e.len == 0 {
+            continue;
+        }
+        if total >= req_len {
+            break;
+        }
+        let len = e.len.min(req_len - total);
+        let flags = e.flags();
+        match out.last_mut() {
+            Some((l, f)) if *f == flags => *l += len,
+            _ => {
+                if out.len() == MAX_DESCRIPTORS {
+                    break;
+                }
+                out.push((len, flags));
+            }
+        }
+        total += len;
+    }
+    if out.is_empty() {
+        // Unknown status is always a safe answer.
+        out.push((req_len, 0));
+    }
+    if let Some(i) = out.iter().position(|(l, _)| *l > max_ext) {
+        out[i].0 = max_ext;
+        out.truncate(i + 1);
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+/// Splits a successful read into `(offset within read, length, is_hole)`
+/// runs: holes shorter than [`MIN_HOLE_CHUNK`] stay in the data.
+fn read_runs(extents: &[Extent], len: u64, out: &mut Vec<(u64, u64, bool)>) {
+    out.clear();
+    let sum: u64 = extents.iter().map(|e| e.len).sum();
+    if sum != len {
+        out.push((0, len, false));
+        return;
+    }
+    let mut pos = 0u64;
+    for e in extents {
+        if e.len == 0 {
+            continue;
+        }
+        let hole = e.reads_as_zero() && (e.len >= MIN_HOLE_CHUNK || e.len == len);
+        match out.last_mut() {
+            Some((_, l, h)) if *h == hole => *l += e.len,
+            _ => out.push((pos, e.len, hole)),
+        }
+        pos += e.len;
+    }
+}
+
+/// Encodes replies into a batch: small things into `out`, big payloads as
+/// their own segments, written with vectored I/O.
+struct Encoder {
+    mode: HeaderMode,
+    out: BytesMut,
+    segs: std::collections::VecDeque<Bytes>,
+    queued: usize,
+    permits: Vec<Permits>,
+    runs: Vec<(u64, u64, bool)>,
+}
+
+impl Encoder {
+    fn new(mode: HeaderMode) -> Encoder {
+        Encoder {
+            mode,
+            out: BytesMut::with_capacity(16 * 1024),
+            segs: std::collections::VecDeque::new(),
+            queued: 0,
+            permits: Vec::new(),
+            runs: Vec::new(),
+        }
+    }
+
+    fn data(&mut self, d: Bytes) {
+        self.queued += d.len();
+        if d.len() >= ZERO_COPY_MIN {
+            if !self.out.is_empty() {
+                self.segs.push_back(self.out.split().freeze());
+            }
+            self.segs.push_back(d);
+        } else {
+            self.out.put_slice(&d);
+        }
+    }
+
+    fn push(&mut self, r: Reply) {
+        let before = self.out.len();
+        let (mode, cookie, offset) = (self.mode, r.cookie, r.offset);
+        match r.body {
+            Body::Status { error, msg } => match mode {
+                HeaderMode::Simple => proto::put_simple_reply(&mut self.out, error, cookie),
+                _ if error == 0 => {
+                    if mode == HeaderMode::Extended {
+                        proto::put_chunk_header(
+                            &mut self.out,
+                            mode,
+                            proto::REPLY_FLAG_DONE,
+                            proto::REPLY_TYPE_NONE,
+                            cookie,
+                            offset,
+                            0,
+                        );
+                    } else {
+                        proto::put_simple_reply(&mut self.out, 0, cookie);
+                    }
+                }
+                _ => proto::put_error_chunk(
+                    &mut self.out,
+                    mode,
+                    cookie,
+                    offset,
+                    error,
+                    msg.as_deref().unwrap_or(""),
+                ),
+            },
+            Body::Read { data, extents, df } => {
+                if mode == HeaderMode::Simple {
+                    proto::put_simple_reply(&mut self.out, 0, cookie);
+                    self.data(data);
+                } else if data.is_empty() {
+                    proto::put_chunk_header(
+                        &mut self.out,
+                        mode,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_NONE,
+                        cookie,
+                        offset,
+                        0,
+                    );
+                } else {
+                    let len = data.len() as u64;
+                    let mut runs = std::mem::take(&mut self.runs);
+                    if df
+                        || extents.len() <= 1 && !extents.first().is_some_and(|e| e.reads_as_zero())
+                    {
+                        runs.clear();
+                        runs.push((0, len, false));
+                    } else {
+                        read_runs(&extents, len, &mut runs);
+                    }
+                    let n = runs.len();
+                    for (i, &(at, l, hole)) in runs.iter().enumerate() {
+                        let flags = if i + 1 == n {
+                            proto::REPLY_FLAG_DONE
+                        } else {
+                            0
+                        };
+                        if hole {
+                            proto::put_chunk_header(
+                                &mut self.out,
+                                mode,
+                                flags,
+                                proto::REPLY_TYPE_OFFSET_HOLE,
+                                cookie,
+                                offset,
+                                12,
+                            );
+                            self.out.put_u64(offset + at);
+                            self.out.put_u32(l as u32);
+                        } else {
+                            proto::put_chunk_header(
+                                &mut self.out,
+                                mode,
+                                flags,
+                                proto::REPLY_TYPE_OFFSET_DATA,
+                                cookie,
+                                offset,
+                                8 + l,
+                            );
+                            self.out.put_u64(offset + at);
+                            self.data(data.slice(at as usize..(at + l) as usize));
+                        }
+                    }
+                    self.runs = runs;
+                }
+            }
+            Body::BlockStatus { ctx, extents } => {
+                if mode == HeaderMode::Extended {
+                    let len = 8 + 16 * extents.len() as u64;
+                    proto::put_chunk_header(
+                        &mut self.out,
+                        mode,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_BLOCK_STATUS_EXT,
+                        cookie,
+                        offset,
+                        len,
+                    );
+                    self.out.put_u32(ctx);
+                    self.out.put_u32(extents.len() as u32);
+                    for (l, f) in extents {
+                        self.out.put_u64(l);
+                        self.out.put_u64(f as u64);
+                    }
+                } else {
+                    let len = 4 + 8 * extents.len() as u64;
+                    proto::put_chunk_header(
+                        &mut self.out,
+                        mode,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_BLOCK_STATUS,
+                        cookie,
+                        offset,
+                        len,
+                    );
+                    self.out.put_u32(ctx);
+                    for (l, f) in extents {
+                        self.out.put_u32(l as u32);
+                        self.out.put_u32(f);
+                    }
+                }
+            }
+        }
+        self.queued += self.out.len().saturating_sub(before);
+        self.permits.push(r.permits);
+    }
+
+    async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.segs.push_back(self.out.split().freeze());
+        }
+        while !self.segs.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 64];
+            let mut k = 0;
+            for s in self.segs.iter().take(64) {
+                slices[k] = IoSlice::new(s);
+                k += 1;
+            }
+            let mut n = wr.write_vectored(&slices[..k]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let front = self.segs.front_mut().expect("bytes were written from it");
+                if n >= front.len() {
+                    n -= front.len();
+                    self.segs.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        wr.flush().await?;
+        self.queued = 0;
+        // Replies are on the wire: release their permits.
+        self.permits.clear();
+        Ok(())
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+    mode: HeaderMode,
+    stop_conn: CancellationToken,
+) -> io::Result<()> {
+    let mut enc = Encoder::new(mode);
+    while let Some(first) = rx.recv().await {
+        enc.push(first);
+        while enc.queued < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(r) => enc.push(r),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = enc.write_to(&mut wr).await {
+            stop_conn.cancel();
+            return Err(e);
+        }
+    }
+    let _ = wr.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_are_normalised() {
+        let h = Extent::hole;
+        let d = Extent::data;
+        // Empty answer → one unknown-status extent of the full length.
+        assert_eq!(
+            normalise_extents(&[], 4096, false, u64::MAX),
+            vec![(4096, 0)]
+        );
+        // Zero-length extents dropped, equal neighbours merged, clipped.
+        assert_eq!(
+            normalise_extents(
+                &[d(0), h(512), h(512), d(4096), h(1 << 20)],
+                2048,
+                false,
+                u64::MAX
+            ),
+            vec![(1024, 3), (1024, 0)]
+        );
+        // REQ_ONE → exactly one, no longer than asked.
+        assert_eq!(
+            normalise_extents(&[h(1 << 30)], 4096, true, u64::MAX),
+            vec![(4096, 3)]
+        );
+        assert_eq!(
+            normalise_extents(&[d(10), h(10)], 4096, true, u64::MAX),
+            vec![(10, 0)]
+        );
+        // Compact replies cannot carry ≥ 4 GiB in one descriptor.
+        assert_eq!(
+            normalise_extents(&[h(8 << 30), d(1)], 8 << 30, false, MAX_COMPACT_EXTENT),
+            vec![(MAX_COMPACT_EXTENT, 3)]
+        );
+    }
+
+    #[test]
+    fn read_runs_split_holes() {
+        let mut v = Vec::new();
+        read_runs(
+            &[Extent::data(4096), Extent::hole(8192), Extent::data(512)],
+            12800,
+            &mut v,
+        );
+        assert_eq!(
+            v,
+            vec![(0, 4096, false), (4096, 8192, true), (12288, 512, false)]
+        );
+        // Small holes are folded into data.
+        read_runs(
+            &[Extent::data(4096), Extent::hole(512), Extent::data(512)],
+            5120,
+            &mut v,
+        );
+        assert_eq!(v, vec![(0, 5120, false)]);
+        // A short read that is all hole is still a hole.
+        read_runs(&[Extent::hole(512)], 512, &mut v);
+        assert_eq!(v, vec![(0, 512, true)]);
+        // Inconsistent extents are ignored.
+        read_runs(&[Extent::hole(100)], 512, &mut v);
+        assert_eq!(v, vec![(0, 512, false)]);
+    }
+}
