@@ -132,7 +132,15 @@ async fn writes(
     t.elapsed()
 }
 
-async fn reads(v: &Volume, iters: u64, bs: usize, random: bool, span: u64, seed: u64, qd: usize) -> Duration {
+async fn reads(
+    v: &Volume,
+    iters: u64,
+    bs: usize,
+    random: bool,
+    span: u64,
+    seed: u64,
+    qd: usize,
+) -> Duration {
     let mut g = Gen(seed | 1);
     let slots = span / bs as u64;
     let mut inflight = FuturesUnordered::new();
@@ -229,14 +237,25 @@ fn engine_paths(c: &mut Criterion) {
 /// The raw I/O backends at queue depth 1: the floor under the engine's read latency.
 fn io_backends(c: &mut Criterion) {
     use ballast_engine::io::{AlignedBuf, BackendChoice, IoEngine};
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = bench_dir();
     let path = dir.path().join("raw.img");
     std::fs::write(&path, vec![7u8; 64 << 20]).unwrap();
     let mut g = c.benchmark_group("io");
-    g.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
-    for (name, choice) in [("uring", BackendChoice::Uring), ("threads", BackendChoice::Threads)] {
-        let Ok(io) = IoEngine::new(choice) else { continue };
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
+    for (name, choice) in [
+        ("uring", BackendChoice::Uring),
+        ("threads", BackendChoice::Threads),
+    ] {
+        let Ok(io) = IoEngine::new(choice) else {
+            continue;
+        };
         let disk = io.open_disk(&path, None).unwrap();
         g.throughput(Throughput::Elements(1));
         g.bench_function(BenchmarkId::new("read_4k_qd1", name), |b| {
@@ -246,7 +265,9 @@ fn io_backends(c: &mut Criterion) {
                     let mut g = Gen(iters | 1);
                     let t = Instant::now();
                     for _ in 0..iters {
-                        let (_, r) = disk.read_at(AlignedBuf::zeroed(4096), (g.next() % 16384) * 4096).await;
+                        let (_, r) = disk
+                            .read_at(AlignedBuf::zeroed(4096), (g.next() % 16384) * 4096)
+                            .await;
                         r.unwrap();
                     }
                     t.elapsed()

@@ -18,18 +18,30 @@ const BS: usize = 4096;
 
 fn main() -> anyhow::Result<()> {
     let files: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(!files.is_empty(), "usage: space_efficiency IMAGE [IMAGE...]");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let dir = tempfile::tempdir_in(std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()))?;
+    anyhow::ensure!(
+        !files.is_empty(),
+        "usage: space_efficiency IMAGE [IMAGE...]"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir_in(
+        std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
+    )?;
     rt.block_on(async {
         let engine = ballast_benches::open_engine(dir.path(), 64 << 30).await?;
         let mut seen: HashSet<[u8; 32]> = HashSet::new();
         let (mut ideal, mut logical_nonzero, mut unique_raw) = (0u64, 0u64, 0u64);
         for (i, f) in files.iter().enumerate() {
-            let len = std::fs::metadata(f).with_context(|| format!("reading {f}"))?.len();
+            let len = std::fs::metadata(f)
+                .with_context(|| format!("reading {f}"))?
+                .len();
             let size = len.div_ceil(1 << 20).max(1) << 20;
             let name = format!("img{i}");
-            engine.create_volume(&name, VolumeOptions::new(size)).await?;
+            engine
+                .create_volume(&name, VolumeOptions::new(size))
+                .await?;
             let vol = engine.open_volume(&name)?;
             let mut file = std::fs::File::open(f)?;
             let mut off = 0u64;
@@ -70,10 +82,19 @@ fn main() -> anyhow::Result<()> {
         println!("|---|---|");
         println!("| logical non-zero data written | {logical_nonzero} |");
         println!("| engine logical_bytes | {} |", s.logical_bytes);
-        println!("| unique (after dedup), ideal / engine | {unique_raw} / {} |", s.unique_bytes);
+        println!(
+            "| unique (after dedup), ideal / engine | {unique_raw} / {} |",
+            s.unique_bytes
+        );
         println!("| ideal stored (sum of lz4 sizes of unique blocks) | {ideal} |");
-        println!("| engine stored_bytes (payload + 64-byte headers) | {} |", s.stored_bytes);
-        println!("| engine used_bytes (segments incl. padding + metadata) | {} |", s.used_bytes);
+        println!(
+            "| engine stored_bytes (payload + 64-byte headers) | {} |",
+            s.stored_bytes
+        );
+        println!(
+            "| engine used_bytes (segments incl. padding + metadata) | {} |",
+            s.used_bytes
+        );
         println!();
         println!(
             "stored / ideal = {:.3} (target <= 1.15); dedup {:.2}x, compression {:.2}x",
