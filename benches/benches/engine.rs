@@ -105,14 +105,8 @@ async fn writes(
         .collect();
     let mut inflight = FuturesUnordered::new();
     let t = Instant::now();
-    let mut seq = 0u64;
     for i in 0..iters {
-        let slot = if random {
-            g.next() % slots
-        } else {
-            seq % slots
-        };
-        seq += 1;
+        let slot = if random { g.next() % slots } else { i % slots };
         let buf = if matches!(data, Data::Duplicate) {
             bufs[(i % 16) as usize].clone()
         } else {
