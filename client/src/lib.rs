@@ -1,1 +1,4 @@
 //! The `ballast` client: CLI commands, typed control-plane client, NBD client and benchmark harness.
+pub mod api; pub mod cli;
+pub mod nbd;
+pub mod bench;

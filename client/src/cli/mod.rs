@@ -51,7 +51,8 @@ pub enum Command {
     /// Inspect the storage node.
     #[command(subcommand)]
     Node(node::NodeCommand),
-    // Future: `Bench(crate::bench::BenchArgs),` plus its arm in `run`.
+    /// Drive an NBD export with a load generator, or run a benchmark suite.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `--json` flag shared by every command that prints a result.
@@ -130,6 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(cmd) => volume::run(&cli.api, cmd).await,
         Command::Node(cmd) => node::run(&cli.api, cmd).await,
+        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 
