@@ -832,7 +832,9 @@ impl Inner {
             match task.await {
                 Ok(r) => r?,
                 Err(e) => {
-                    return Err(EngineError::FailedPrecondition(format!("the commit task died: {e}")));
+                    return Err(EngineError::FailedPrecondition(format!(
+                        "the commit task died: {e}"
+                    )));
                 }
             }
         }

@@ -27,7 +27,8 @@ pub(crate) struct ReadCache {
 
 impl ReadCache {
     pub fn new(bytes: u64) -> ReadCache {
-        let cache = (bytes >= 1 << 20).then(|| Cache::with_weighter((bytes / 4096) as usize, bytes, ByLen));
+        let cache =
+            (bytes >= 1 << 20).then(|| Cache::with_weighter((bytes / 4096) as usize, bytes, ByLen));
         ReadCache { cache }
     }
 

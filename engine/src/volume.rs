@@ -368,7 +368,9 @@ impl Volume {
             drop(st);
             for (i, k) in keys.iter().enumerate() {
                 if let Some(k) = k {
-                    self.inner.read_cache.insert(*k, data.slice(i * bs..(i + 1) * bs));
+                    self.inner
+                        .read_cache
+                        .insert(*k, data.slice(i * bs..(i + 1) * bs));
                 }
             }
             return Ok(());

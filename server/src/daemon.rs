@@ -74,7 +74,8 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 pub fn parse_disk(s: &str) -> anyhow::Result<DiskSpec> {
     let (path, size) = match s.rsplit_once(':') {
         Some((p, sz)) if !p.is_empty() && sz.chars().next().is_some_and(|c| c.is_ascii_digit()) => {
-            let size = ballast_proto::size::parse_size(sz).with_context(|| format!("--disk {s}: bad size"))?;
+            let size = ballast_proto::size::parse_size(sz)
+                .with_context(|| format!("--disk {s}: bad size"))?;
             (p, Some(size))
         }
         _ => (s, None),
@@ -109,7 +110,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         IoBackendArg::Threads => BackendChoice::Threads,
     };
     cfg.read_cache_bytes = args.read_cache;
-    cfg.disks = args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<_>>()?;
+    cfg.disks = args
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<_>>()?;
     if cfg.disks.is_empty() {
         let dir = args.data.join("disks");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -140,11 +145,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "ballastd ready"
     );
     let nbd_task = tokio::spawn(nbd.run(shutdown.clone()));
-    let control = Arc::new(EngineControl::new(engine.clone(), tokio::runtime::Handle::current()));
+    let control = Arc::new(EngineControl::new(
+        engine.clone(),
+        tokio::runtime::Handle::current(),
+    ));
     let api_shutdown = shutdown.clone();
-    let api_task = tokio::spawn(crate::control::serve_listener(api_listener, control, async move {
-        api_shutdown.cancelled().await
-    }));
+    let api_task = tokio::spawn(crate::control::serve_listener(
+        api_listener,
+        control,
+        async move { api_shutdown.cancelled().await },
+    ));
     wait_for_signal().await?;
     tracing::info!("shutting down: finishing in-flight requests");
     shutdown.cancel();

@@ -1,7 +1,9 @@
 //! The control plane's view of the engine: volume and node operations, with
 //! engine errors mapped onto the control plane's error kinds.
 
-use crate::control::backend::{Compression as ApiCompression, ControlBackend, ControlError, CreateVolume, NodeView, VolumeView};
+use crate::control::backend::{
+    Compression as ApiCompression, ControlBackend, ControlError, CreateVolume, NodeView, VolumeView,
+};
 use ballast_engine::{Compression, Engine, EngineError, VolumeInfo, VolumeOptions};
 
 pub struct EngineControl {
@@ -23,9 +25,13 @@ impl From<EngineError> for ControlError {
         match e {
             EngineError::VolumeNotFound(_) => ControlError::NotFound(msg),
             EngineError::VolumeExists(_) => ControlError::AlreadyExists(msg),
-            EngineError::InvalidArgument(_) | EngineError::OutOfRange { .. } => ControlError::InvalidArgument(msg),
+            EngineError::InvalidArgument(_) | EngineError::OutOfRange { .. } => {
+                ControlError::InvalidArgument(msg)
+            }
             EngineError::NoSpace => ControlError::ResourceExhausted(msg),
-            EngineError::ReadOnly(_) | EngineError::FailedPrecondition(_) => ControlError::FailedPrecondition(msg),
+            EngineError::ReadOnly(_) | EngineError::FailedPrecondition(_) => {
+                ControlError::FailedPrecondition(msg)
+            }
             _ => ControlError::Internal(msg),
         }
     }
@@ -84,7 +90,12 @@ impl ControlBackend for EngineControl {
 
     fn list_volumes(&self) -> Result<Vec<VolumeView>, ControlError> {
         let node = self.node_id();
-        Ok(self.engine.list_volumes().into_iter().map(|v| view(v, &node)).collect())
+        Ok(self
+            .engine
+            .list_volumes()
+            .into_iter()
+            .map(|v| view(v, &node))
+            .collect())
     }
 
     fn get_volume(&self, name: &str) -> Result<VolumeView, ControlError> {
@@ -92,7 +103,9 @@ impl ControlBackend for EngineControl {
     }
 
     fn resize_volume(&self, name: &str, new_size: u64) -> Result<VolumeView, ControlError> {
-        let v = self.rt.block_on(self.engine.resize_volume(name, new_size))?;
+        let v = self
+            .rt
+            .block_on(self.engine.resize_volume(name, new_size))?;
         Ok(view(v, &self.node_id()))
     }
 
@@ -102,7 +115,9 @@ impl ControlBackend for EngineControl {
     }
 
     fn clone_snapshot(&self, snapshot: &str, new_volume: &str) -> Result<VolumeView, ControlError> {
-        let v = self.rt.block_on(self.engine.clone_snapshot(snapshot, new_volume))?;
+        let v = self
+            .rt
+            .block_on(self.engine.clone_snapshot(snapshot, new_volume))?;
         Ok(view(v, &self.node_id()))
     }
 

@@ -29,7 +29,11 @@ fn describe(v: &ballast_engine::VolumeInfo) -> String {
 
 impl ExportCatalog for EngineCatalog {
     fn list(&self) -> Vec<(String, String)> {
-        self.engine.list_volumes().iter().map(|v| (v.name.clone(), describe(v))).collect()
+        self.engine
+            .list_volumes()
+            .iter()
+            .map(|v| (v.name.clone(), describe(v)))
+            .collect()
     }
 
     fn open(&self, name: &str) -> Option<Arc<dyn Export>> {
@@ -47,7 +51,9 @@ fn to_export(e: EngineError) -> ExportError {
     match e {
         EngineError::NoSpace => ExportError::NoSpace,
         EngineError::ReadOnly(_) => ExportError::ReadOnly,
-        EngineError::OutOfRange { .. } | EngineError::InvalidArgument(_) => ExportError::Invalid(e.to_string()),
+        EngineError::OutOfRange { .. } | EngineError::InvalidArgument(_) => {
+            ExportError::Invalid(e.to_string())
+        }
         other => ExportError::Io(other.to_string()),
     }
 }
@@ -90,7 +96,11 @@ impl Export for VolumeExport {
 
     fn read_extents(&self, offset: u64, len: u32) -> ExportFuture<(Bytes, Vec<Extent>)> {
         let f = self.vol.read(offset, len);
-        Box::pin(async move { f.await.map(|r| (r.data, extents(r.extents))).map_err(to_export) })
+        Box::pin(async move {
+            f.await
+                .map(|r| (r.data, extents(r.extents)))
+                .map_err(to_export)
+        })
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> ExportFuture<()> {
@@ -112,13 +122,21 @@ impl Export for VolumeExport {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> ExportFuture<Vec<Extent>> {
-        let r = self.vol.block_status(offset, len).map(extents).map_err(to_export);
+        let r = self
+            .vol
+            .block_status(offset, len)
+            .map(extents)
+            .map_err(to_export);
         Box::pin(std::future::ready(r))
     }
 
     fn cache(&self, offset: u64, len: u64) -> ExportFuture<()> {
         // Validate the range; the engine keeps no separate read cache to warm.
-        let r = self.vol.block_status(offset, len.min(1)).map(|_| ()).map_err(to_export);
+        let r = self
+            .vol
+            .block_status(offset, len.min(1))
+            .map(|_| ())
+            .map_err(to_export);
         Box::pin(std::future::ready(r))
     }
 }

@@ -1,6 +1,6 @@
 //! ballastd: NBD server and gRPC control plane.
-pub mod nbd;
 pub mod control;
 pub mod daemon;
 pub mod engine_control;
 pub mod engine_export;
+pub mod nbd;

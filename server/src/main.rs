@@ -9,7 +9,11 @@ fn main() -> std::process::ExitCode {
     }
     let args = ballast_server::daemon::Args::parse();
     ballast_server::daemon::init_logging(args.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("ballastd").build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ballastd")
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

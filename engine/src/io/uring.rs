@@ -38,9 +38,9 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, types, IoUring, Probe};
+use parking_lot::{Mutex, MutexGuard};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use parking_lot::{Mutex, MutexGuard};
 
 use super::{backend_stopped, Op, Request};
 
@@ -457,8 +457,7 @@ struct Handover {
 impl Drop for Handover {
     fn drop(&mut self) {
         let mut reaper = self.shared.reaper.lock();
-        if !matches!(&*reaper, Reaper::Tokio { generation, .. } if *generation == self.generation)
-        {
+        if !matches!(&*reaper, Reaper::Tokio { generation, .. } if *generation == self.generation) {
             return;
         }
         *reaper = Reaper::None;
