@@ -241,14 +241,14 @@ impl IoEngine {
         }))
     }
 
-    /// Queue `op` and return the receiver its reply arrives on. Never blocks.
+    /// Queue `op` and return the future its reply arrives through. Never blocks.
     fn submit(
         &self,
         op: Op,
         file: &Arc<std::fs::File>,
         offset: u64,
         buf: Option<AlignedBuf>,
-    ) -> tokio::sync::oneshot::Receiver<Reply> {
+    ) -> ReplyFuture {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let req = Request {
             op,
@@ -257,11 +257,37 @@ impl IoEngine {
             buf,
             reply,
         };
-        match &*self.inner {
+        let assist = match &*self.inner {
             EngineInner::Uring(u) => u.submit(req),
-            EngineInner::Threads(t) => t.submit(req),
+            EngineInner::Threads(t) => {
+                t.submit(req);
+                None
+            }
+        };
+        ReplyFuture { rx, assist }
+    }
+}
+
+/// The reply to one [`Request`]. Mostly just the oneshot receiver; the
+/// io_uring backend may also wait for the completion on the polling thread
+/// itself when that thread is not a runtime worker (see `uring::Assist`).
+struct ReplyFuture {
+    rx: tokio::sync::oneshot::Receiver<Reply>,
+    assist: Option<uring::Assist>,
+}
+
+impl Future for ReplyFuture {
+    type Output = Result<Reply, tokio::sync::oneshot::error::RecvError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        match &this.assist {
+            Some(a) => a.poll_reply(&mut this.rx, cx),
+            None => Pin::new(&mut this.rx).poll(cx),
         }
-        rx
     }
 }
 
