@@ -179,7 +179,9 @@ impl Writer {
     }
 
     /// Segments whose image is still in memory.
-    pub fn held_ids(&self) -> std::collections::HashSet<SegmentId> {
+    pub fn held_ids(&mut self) -> std::collections::HashSet<SegmentId> {
+        // Sealed images whose writes completed are on disk: they hold nothing.
+        self.prune();
         self.open
             .iter()
             .chain(self.sealed.iter())
