@@ -535,6 +535,11 @@ impl Node {
     }
 
     fn spawn(&mut self) {
+        self.spawn_no_wait();
+        self.wait_ready(Duration::from_secs(90));
+    }
+
+    fn spawn_no_wait(&mut self) {
         assert!(self.child.is_none(), "ballastd is already running");
         let mut log = OpenOptions::new()
             .create(true)
@@ -557,7 +562,18 @@ impl Node {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(90));
+    }
+
+    /// Start ballastd on the node's data and SIGKILL it `after` later,
+    /// whatever it is doing then (recovering, say).
+    pub fn start_and_kill9_after(&mut self, after: Duration) {
+        if self.is_running() {
+            panic!("start_and_kill9_after() needs a stopped node");
+        }
+        self.child = None;
+        self.spawn_no_wait();
+        thread::sleep(after);
+        self.kill9();
     }
 
     fn wait_ready(&mut self, timeout: Duration) {
