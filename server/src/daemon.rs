@@ -123,9 +123,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             create_size: Some(DEFAULT_DISK_SIZE),
         });
     }
-    let engine = Engine::open(cfg)
-        .await
-        .with_context(|| format!("opening the pool in {}", args.data.display()))?;
+    // Handlers go in before recovery, so a stop request during a long
+    // recovery ends the process cleanly (exit 0) instead of by the signal.
+    let mut stop = StopSignals::install()?;
+    let engine = tokio::select! {
+        r = Engine::open(cfg) => r.with_context(|| format!("opening the pool in {}", args.data.display()))?,
+        _ = stop.wait() => {
+            tracing::info!("stop requested while opening the pool; nothing was served, exiting");
+            return Ok(());
+        }
+    };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let nbd = crate::nbd::NbdServer::bind(
         args.listen_nbd,
@@ -155,7 +162,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         control,
         async move { api_shutdown.cancelled().await },
     ));
-    wait_for_signal().await?;
+    stop.wait().await;
     tracing::info!("shutting down: finishing in-flight requests");
     shutdown.cancel();
     match nbd_task.await {
@@ -171,13 +178,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
