@@ -80,17 +80,7 @@ impl Engine {
             )
         };
         let meta = Meta::open(&cfg.data_dir.join("meta"), cfg.meta_cache_bytes)?;
-        let open_disk = |spec: &DiskSpec| -> Result<Arc<dyn DiskIo>> {
-            let r = match (&cfg.disk_opener, &io) {
-                (Some(o), _) => o(spec),
-                (None, Some(io)) => io.open_disk(&spec.path, spec.create_size),
-                (None, None) => unreachable!("an I/O engine exists whenever no test opener is set"),
-            };
-            r.map_err(|e| EngineError::Disk {
-                path: spec.path.clone(),
-                reason: format!("cannot open: {e}"),
-            })
-        };
+        let open_disk = |spec: &DiskSpec| open_disk(&cfg, io.as_ref(), spec);
         let existing: Option<PoolRecord> = meta.get_json("pool")?;
         let mut pool = match existing {
             Some(p) => p,
@@ -517,15 +507,7 @@ impl Engine {
             path,
             create_size: spec.create_size,
         };
-        let dio = match (&self.inner.cfg.disk_opener, &self.inner.io) {
-            (Some(o), _) => o(&spec),
-            (None, Some(io)) => io.open_disk(&spec.path, spec.create_size),
-            (None, None) => unreachable!("an I/O engine exists whenever no test opener is set"),
-        }
-        .map_err(|e| EngineError::Disk {
-            path: spec.path.clone(),
-            reason: format!("cannot open: {e}"),
-        })?;
+        let dio = open_disk(&self.inner.cfg, self.inner.io.as_ref(), &spec)?;
         let pool_snapshot = self.inner.pool.read().clone();
         let (disk, rec) = format_disk(&pool_snapshot, &spec, dio).await?;
         {
@@ -660,6 +642,23 @@ impl Engine {
     pub async fn clean_now(&self, aggressive: bool) -> Result<usize> {
         crate::cleaner::clean_pass(&self.inner, aggressive).await
     }
+}
+
+/// Open a disk through the test opener, or else the I/O backend.
+fn open_disk(
+    cfg: &EngineConfig,
+    io: Option<&IoEngine>,
+    spec: &DiskSpec,
+) -> Result<Arc<dyn DiskIo>> {
+    let r = match (&cfg.disk_opener, io) {
+        (Some(o), _) => o(spec),
+        (None, Some(io)) => io.open_disk(&spec.path, spec.create_size),
+        (None, None) => unreachable!("an I/O engine exists whenever no test opener is set"),
+    };
+    r.map_err(|e| EngineError::Disk {
+        path: spec.path.clone(),
+        reason: format!("cannot open: {e}"),
+    })
 }
 
 fn check_superblock(sb: &Superblock, pool: &PoolRecord, d: &DiskRecord) -> Result<()> {
