@@ -345,7 +345,20 @@ impl Engine {
             }
             tx.st.cur.deleted_volumes.insert(v.id);
         }
-        self.inner.catalog.write().remove(name);
+        {
+            let mut cat = self.inner.catalog.write();
+            cat.remove(name);
+            // Snapshots and clones of this one keep their own references to
+            // every block; only the lineage link goes.
+            let mut st = self.inner.state.lock();
+            for child in cat.values() {
+                let mut parent = child.parent.lock();
+                if parent.as_deref() == Some(name) {
+                    *parent = None;
+                    st.cur.touched.insert(child.id);
+                }
+            }
+        }
         self.inner.flush().await?;
         self.inner.cleaner_wake.notify_one();
         Ok(())
@@ -481,7 +494,7 @@ impl Engine {
             dedup: v.dedup,
             compression: v.compression,
             read_only: v.read_only,
-            parent: v.parent.clone(),
+            parent: v.parent.lock().clone(),
             mapped_bytes: mapped * v.block_size as u64,
             generation: v.generation.load(Ordering::SeqCst),
             created_unix: v.created_unix,

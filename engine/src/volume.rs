@@ -42,7 +42,9 @@ pub(crate) struct VolumeShared {
     pub dedup: bool,
     pub compression: Compression,
     pub read_only: bool,
-    pub parent: Option<String>,
+    /// The snapshot or volume this one was copied from; cleared when that
+    /// one is deleted (content addressing means nothing depends on it).
+    pub parent: parking_lot::Mutex<Option<String>>,
     pub created_unix: u64,
     pub size: AtomicU64,
     pub committed_mapped: AtomicU64,
@@ -61,7 +63,7 @@ impl VolumeShared {
             dedup: r.dedup,
             compression: r.compression,
             read_only: r.read_only,
-            parent: r.parent.clone(),
+            parent: parking_lot::Mutex::new(r.parent.clone()),
             created_unix: r.created_unix,
             size: AtomicU64::new(r.size),
             committed_mapped: AtomicU64::new(r.mapped_blocks),
@@ -80,7 +82,7 @@ impl VolumeShared {
             dedup: self.dedup,
             compression: self.compression,
             read_only: self.read_only,
-            parent: self.parent.clone(),
+            parent: self.parent.lock().clone(),
             created_unix: self.created_unix,
             generation,
             mapped_blocks,

@@ -226,6 +226,32 @@ async fn snapshots_are_frozen_and_clones_diverge() {
         drop(base);
         e.delete_volume("base").await.unwrap();
         assert_eq!(&s.read(0, 65536).await.unwrap().data[..], &one[..]);
+        // Deleting the snapshot keeps the clone's data and drops the link
+        // (no dangling parent), and the change survives a reopen.
+        drop(s);
+        e.delete_volume("s1").await.unwrap();
+        assert_eq!(&c.read(0, 4096).await.unwrap().data[..], &one[..4096]);
+        let info = |e: &ballast_engine::Engine| {
+            e.list_volumes()
+                .into_iter()
+                .find(|v| v.name == "c1")
+                .expect("clone listed")
+        };
+        assert_eq!(info(&e).parent, None);
+        drop(c);
+        e.shutdown().await.unwrap();
+        drop(e);
+        let e = h.open().await;
+        assert_eq!(info(&e).parent, None);
+        assert_eq!(
+            &e.open_volume("c1")
+                .unwrap()
+                .read(0, 4096)
+                .await
+                .unwrap()
+                .data[..],
+            &one[..4096]
+        );
         e.shutdown().await.unwrap();
     })
     .await;
