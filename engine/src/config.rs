@@ -141,6 +141,8 @@ pub struct NodeStats {
     /// Metadata store memory: block cache in use, and memtables not yet flushed.
     pub metadata_cache_bytes: u64,
     pub metadata_write_buffer_bytes: u64,
+    /// The in-memory filter over the record index (fixed by pool capacity).
+    pub record_filter_bytes: u64,
     pub read_cache_bytes: u64,
     pub dedup_ratio: f64,
     pub compression_ratio: f64,

@@ -155,6 +155,10 @@ impl Engine {
             space.add_disk(d.id, d.segments, &in_use);
         }
         let counters: Counters = meta.get_json("counters")?.unwrap_or_default();
+        let capacity: u64 = disks.iter().map(|d| d.segments as u64 * seg as u64).sum();
+        let mut meta = meta;
+        meta.record_filter = Some(crate::record_filter::RecordFilter::for_capacity(capacity));
+        let meta = meta;
         let mut catalog = HashMap::new();
         for v in meta.load_volumes()? {
             catalog.insert(v.name.clone(), Arc::new(VolumeShared::from_record(&v)));
@@ -189,6 +193,7 @@ impl Engine {
             cfg,
         });
         let engine = Engine { inner };
+        engine.fill_record_filter(counters.records).await?;
         engine.spawn_background();
         let st = engine.inner.state.lock().committed;
         tracing::info!(
@@ -200,6 +205,47 @@ impl Engine {
             "pool opened (recovery complete)"
         );
         Ok(engine)
+    }
+
+    /// Load the record filter from the index: inline for small pools (a
+    /// second or so), in the background for large ones so recovery time does
+    /// not grow with the data; until then lookups go to the store.
+    async fn fill_record_filter(&self, records: u64) -> Result<()> {
+        const INLINE_MAX: u64 = 4 << 20;
+        let weak = Arc::downgrade(&self.inner);
+        let fill = move || -> Result<()> {
+            let Some(inner) = weak.upgrade() else {
+                return Ok(());
+            };
+            let t0 = Instant::now();
+            let filter = inner
+                .meta
+                .record_filter
+                .as_ref()
+                .expect("installed at open");
+            let n = inner
+                .meta
+                .fill_record_filter(filter, || inner.shutting_down.load(Ordering::Relaxed))?;
+            tracing::info!(
+                records = n,
+                filter_bytes = filter.memory_bytes(),
+                elapsed_ms = t0.elapsed().as_millis() as u64,
+                "record filter loaded"
+            );
+            Ok(())
+        };
+        if records <= INLINE_MAX {
+            return fill();
+        }
+        let h = self.inner.rt.spawn_blocking(move || {
+            if let Err(e) = fill() {
+                tracing::warn!(error = %e, "loading the record filter failed; dedup lookups stay on the store");
+            }
+        });
+        // Not in `tasks` (a blocking scan cannot be aborted): it stops by
+        // itself soon after shutdown begins.
+        drop(h);
+        Ok(())
     }
 
     fn spawn_background(&self) {
@@ -596,6 +642,12 @@ impl Engine {
             metadata_bytes: metadata,
             metadata_cache_bytes,
             metadata_write_buffer_bytes,
+            record_filter_bytes: self
+                .inner
+                .meta
+                .record_filter
+                .as_ref()
+                .map_or(0, |f| f.memory_bytes()),
             read_cache_bytes: self.inner.read_cache.weight(),
             dedup_ratio: ratio(logical, unique),
             compression_ratio: ratio(unique, stored),
@@ -915,7 +967,14 @@ impl Inner {
         }
         for (k, m) in &ov.records {
             match m {
-                Some(m) => batch.insert(&meta.records, k.encode().to_vec(), m.encode().to_vec()),
+                Some(m) => {
+                    // Before the batch lands, so the filter never misses a
+                    // key the store has (see `record_filter`).
+                    if let Some(f) = &meta.record_filter {
+                        f.insert(k);
+                    }
+                    batch.insert(&meta.records, k.encode().to_vec(), m.encode().to_vec())
+                }
                 None => batch.remove(&meta.records, k.encode().to_vec()),
             }
         }

@@ -10,6 +10,7 @@
 //! - `segment`: the writer that packs records into append-only segments.
 //! - `key`: block identities (blake3 + nonce) and metadata key encodings.
 //! - `meta`: the fjall metadata store (block maps, record index, segments).
+//! - `record_filter`: a Bloom filter that answers record-index misses in memory.
 //! - `state`: the in-memory overlay of uncommitted metadata changes.
 //! - `engine`: opening/recovery, group commit, control operations, stats.
 //! - `volume`: the read and write paths of one volume.
@@ -28,6 +29,7 @@ mod meta;
 mod pool;
 mod read_cache;
 mod record;
+mod record_filter;
 mod segment;
 mod state;
 mod superblock;

@@ -5,6 +5,7 @@
 use crate::config::Compression;
 use crate::error::{EngineError, Result};
 use crate::key::{BlockKey, RecordMeta, SegmentId};
+use crate::record_filter::RecordFilter;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::Path;
 
@@ -20,6 +21,9 @@ pub(crate) struct Meta {
     pub segments: Keyspace,
     /// "pool", "counters" -> JSON
     pub misc: Keyspace,
+    /// Answers most record-index misses from memory; installed once the
+    /// pool's capacity is known (see `record_filter`).
+    pub record_filter: Option<RecordFilter>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -120,6 +124,7 @@ impl Meta {
             records: hot("records")?,
             segments: ks("segments")?,
             misc: ks("misc")?,
+            record_filter: None,
             db,
         })
     }
@@ -148,6 +153,13 @@ impl Meta {
     }
 
     pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+        if self
+            .record_filter
+            .as_ref()
+            .is_some_and(|f| !f.may_contain(key))
+        {
+            return Ok(None);
+        }
         match self.records.get(key.encode())? {
             None => Ok(None),
             Some(v) => RecordMeta::decode(&v)
@@ -175,6 +187,28 @@ impl Meta {
             out.push((lba, key));
         }
         Ok(out)
+    }
+
+    /// Put every key of the record index into `filter`, then mark it ready.
+    /// Gives up (filter left not ready) when `stop` says so.
+    pub fn fill_record_filter(
+        &self,
+        filter: &RecordFilter,
+        stop: impl Fn() -> bool,
+    ) -> Result<u64> {
+        let mut n = 0u64;
+        for kv in self.records.iter() {
+            if n % 65536 == 0 && stop() {
+                return Ok(n);
+            }
+            let (k, _) = kv.into_inner()?;
+            let key = BlockKey::decode(&k)
+                .ok_or_else(|| EngineError::CorruptMeta("record index key".into()))?;
+            filter.insert(&key);
+            n += 1;
+        }
+        filter.mark_ready();
+        Ok(n)
     }
 
     pub fn load_segments(&self) -> Result<Vec<(SegmentId, SegmentRecord)>> {
