@@ -198,7 +198,7 @@ impl Meta {
     ) -> Result<u64> {
         let mut n = 0u64;
         for kv in self.records.iter() {
-            if n % 65536 == 0 && stop() {
+            if n.is_multiple_of(65536) && stop() {
                 return Ok(n);
             }
             let (k, _) = kv.into_inner()?;
