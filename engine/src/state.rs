@@ -57,15 +57,21 @@ pub(crate) struct Txn<'a> {
 
 impl Txn<'_> {
     pub fn block(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
+        match self.block_in_overlays(volume, lba) {
+            Some(v) => Ok(v),
+            None => self.meta.block(volume, lba),
+        }
+    }
+
+    /// The mapping as changed since the last commit, if it was.
+    fn block_in_overlays(&self, volume: u32, lba: u64) -> Option<Option<BlockKey>> {
         if let Some(v) = self.st.cur.blocks.get(&(volume, lba)) {
-            return Ok(*v);
+            return Some(*v);
         }
-        if let Some(c) = &self.st.committing {
-            if let Some(v) = c.blocks.get(&(volume, lba)) {
-                return Ok(*v);
-            }
-        }
-        self.meta.block(volume, lba)
+        self.st
+            .committing
+            .as_ref()
+            .and_then(|c| c.blocks.get(&(volume, lba)).copied())
     }
 
     pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
@@ -167,10 +173,26 @@ impl Txn<'_> {
     /// old one is dropped, so content that moves between blocks of the same
     /// batch never passes through a zero count.
     pub fn set_blocks(&mut self, volume: u32, lba0: u64, keys: &[Option<BlockKey>]) -> Result<()> {
+        // One range scan of the store beats a point lookup per block once a
+        // write spans more than a few blocks (a 1 MiB write is 256 of them).
+        let committed: Option<HashMap<u64, BlockKey>> = if keys.len() > 4 {
+            Some(
+                self.meta
+                    .block_range(volume, lba0, lba0 + keys.len() as u64)?
+                    .into_iter()
+                    .collect(),
+            )
+        } else {
+            None
+        };
         let mut dropped = Vec::new();
         for (i, new) in keys.iter().enumerate() {
             let lba = lba0 + i as u64;
-            let old = self.block(volume, lba)?;
+            let old = match (self.block_in_overlays(volume, lba), &committed) {
+                (Some(v), _) => v,
+                (None, Some(c)) => c.get(&lba).copied(),
+                (None, None) => self.meta.block(volume, lba)?,
+            };
             if old == *new {
                 continue;
             }
