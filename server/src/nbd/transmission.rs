@@ -316,6 +316,37 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
         }
     }
 
+    /// Admission of a ranged request without payload (TRIM, CACHE,
+    /// WRITE_ZEROES): refuses a write-type request on a read-only export
+    /// (`EPERM`) and a range past the end (with `past_end`: the commands
+    /// have always differed there), and answers a zero-length request at
+    /// once. `Some(permits)` when the export should be called.
+    async fn admit(
+        &mut self,
+        req: &Request,
+        needs_write: bool,
+        past_end: u32,
+        what: &str,
+    ) -> Result<Option<Permits>, End> {
+        if needs_write && self.read_only {
+            self.reject(req, proto::EPERM, "export is read-only".into())
+                .await?;
+            return Ok(None);
+        }
+        if self.out_of_range(req.offset, req.length) {
+            let msg = format!("{what} past the end of the export");
+            self.reject(req, past_end, msg).await?;
+            return Ok(None);
+        }
+        let permits = self.permits(0).await?;
+        if req.length == 0 {
+            self.send(req, ok(), permits).await;
+            return Ok(None);
+        }
+        self.dirty |= needs_write;
+        Ok(Some(permits))
+    }
+
     /// Polls `fut` once here; replies at once if it is done, else finishes it
     /// on its own task.
     async fn start<T, F>(
@@ -470,68 +501,26 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 self.start(&req, permits, fut, status_body).await;
             }
             proto::CMD_TRIM => {
-                if self.read_only {
-                    return self
-                        .reject(&req, proto::EPERM, "export is read-only".into())
-                        .await;
-                }
-                if self.out_of_range(req.offset, req.length) {
-                    return self
-                        .reject(
-                            &req,
-                            proto::EINVAL,
-                            "trim past the end of the export".into(),
-                        )
-                        .await;
-                }
-                let permits = self.permits(0).await?;
-                if req.length == 0 {
-                    self.send(&req, ok(), permits).await;
+                let Some(permits) = self.admit(&req, true, proto::EINVAL, "trim").await? else {
                     return Ok(());
-                }
-                self.dirty = true;
+                };
                 let fut = self.export.trim(req.offset, req.length, fua);
                 self.start(&req, permits, fut, status_body).await;
             }
             proto::CMD_CACHE => {
-                if self.out_of_range(req.offset, req.length) {
-                    return self
-                        .reject(
-                            &req,
-                            proto::EINVAL,
-                            "cache past the end of the export".into(),
-                        )
-                        .await;
-                }
-                let permits = self.permits(0).await?;
-                if req.length == 0 {
-                    self.send(&req, ok(), permits).await;
+                let Some(permits) = self.admit(&req, false, proto::EINVAL, "cache").await? else {
                     return Ok(());
-                }
+                };
                 let fut = self.export.cache(req.offset, req.length);
                 self.start(&req, permits, fut, status_body).await;
             }
             proto::CMD_WRITE_ZEROES => {
-                if self.read_only {
-                    return self
-                        .reject(&req, proto::EPERM, "export is read-only".into())
-                        .await;
-                }
-                if self.out_of_range(req.offset, req.length) {
-                    return self
-                        .reject(
-                            &req,
-                            proto::ENOSPC,
-                            "write zeroes past the end of the export".into(),
-                        )
-                        .await;
-                }
-                let permits = self.permits(0).await?;
-                if req.length == 0 {
-                    self.send(&req, ok(), permits).await;
+                // ENOSPC past the end, as for WRITE: zeroing there is writing
+                // there (TRIM and CACHE only name a range: EINVAL).
+                let admitted = self.admit(&req, true, proto::ENOSPC, "write zeroes");
+                let Some(permits) = admitted.await? else {
                     return Ok(());
-                }
-                self.dirty = true;
+                };
                 let no_hole = req.flags & proto::CMD_FLAG_NO_HOLE != 0;
                 let fast = req.flags & proto::CMD_FLAG_FAST_ZERO != 0;
                 let fut = self
