@@ -285,10 +285,9 @@ impl ReplyHeader {
     /// consuming it (what a peer without extended headers accepts).
     #[inline]
     pub fn decode(buf: &[u8]) -> Decoded {
-        let Some(magic) = buf.get(..4) else {
+        let Some(magic) = peek_u32(buf) else {
             return Decoded::Incomplete;
         };
-        let magic = u32::from_be_bytes(magic.try_into().expect("4 bytes"));
         match magic {
             SIMPLE_REPLY_MAGIC => {
                 if buf.len() < SIMPLE_REPLY_LEN {
@@ -325,10 +324,9 @@ impl ReplyHeader {
     /// Decode an extended chunk header from the front of `buf` without
     /// consuming it (the only shape allowed once extended headers are on).
     pub fn decode_extended(buf: &[u8]) -> Decoded {
-        let Some(magic) = buf.get(..4) else {
+        let Some(magic) = peek_u32(buf) else {
             return Decoded::Incomplete;
         };
-        let magic = u32::from_be_bytes(magic.try_into().expect("4 bytes"));
         if magic != EXTENDED_REPLY_MAGIC {
             return Decoded::BadMagic(magic);
         }
@@ -354,6 +352,11 @@ impl ReplyHeader {
             | ReplyHeader::Extended { handle, .. } => handle,
         }
     }
+}
+
+/// The big-endian `u32` at the front of `buf` (a reply's magic), if there.
+fn peek_u32(buf: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(buf.get(..4)?.try_into().ok()?))
 }
 
 /// A complete error chunk (`NBD_REPLY_TYPE_ERROR`, flagged DONE): header,
