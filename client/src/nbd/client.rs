@@ -35,8 +35,6 @@ const COPY_PAYLOAD_MAX: usize = 16 * 1024;
 const READ_CHUNK: usize = 256 * 1024;
 /// Read payloads larger than this go straight into the destination buffer.
 const DIRECT_READ_MIN: usize = 64 * 1024;
-/// Default maximum payload (the spec's default when the server says nothing).
-const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
 /// How long `disconnect` waits for the server to close after `NBD_CMD_DISC`.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -284,7 +282,7 @@ impl NbdClient {
         let base_allocation = info
             .meta_contexts
             .iter()
-            .find(|(_, n)| n == "base:allocation")
+            .find(|(_, n)| n == proto::BASE_ALLOCATION)
             .map(|(id, _)| *id);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -344,7 +342,7 @@ impl NbdClient {
     pub fn max_payload(&self) -> u32 {
         match self.inner.info.block_sizes {
             Some(b) if b.maximum > 0 => b.maximum,
-            _ => DEFAULT_MAX_PAYLOAD,
+            _ => proto::MAX_PAYLOAD,
         }
     }
 
@@ -431,7 +429,7 @@ impl NbdClient {
             kind,
             handle,
             offset,
-            length,
+            length: length.into(),
         }
         .encode(&mut out.buf);
         if let Some(p) = payload {
@@ -799,6 +797,13 @@ async fn read_replies<R: AsyncRead + Unpin>(rx: &mut Rx<R>, shared: &Shared) -> 
                 handle,
                 length,
             } => structured_chunk(rx, shared, flags, kind, handle, length as usize).await?,
+            // `ReplyHeader::decode` only yields these to a peer that asked
+            // for extended headers, which this client never does.
+            ReplyHeader::Extended { handle, .. } => {
+                return Err(NbdError::Protocol(format!(
+                    "extended reply header without extended headers (handle {handle:#x})"
+                )))
+            }
         }
     }
     Ok(())
@@ -911,7 +916,7 @@ async fn structured_chunk<R: AsyncRead + Unpin>(
             let message = String::from_utf8_lossy(&rx.buf[..msg_len]).into_owned();
             rx.buf.advance(msg_len);
             rx.skip(length - 6 - msg_len).await?;
-            let errno = NbdErrno::from_wire(if errno == 0 { 5 } else { errno });
+            let errno = NbdErrno::from_wire(if errno == 0 { proto::errno::EIO } else { errno });
             let set = |p: &mut Pending| {
                 if p.error.is_none() {
                     p.error = Some(p.command_error(errno, message));

@@ -2,14 +2,12 @@
 //! `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` when the server does
 //! not know GO). Oldstyle servers are accepted too.
 
-use bytes::{Buf, BufMut};
+use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::error::{NbdError, Result};
-use super::proto::{self, info, opt, rep, TransmissionFlags};
+use super::proto::{self, info, opt, rep, OptionReply, TransmissionFlags};
 
-/// The oldstyle magic after `NBDMAGIC`.
-const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Largest option reply payload accepted.
 const MAX_OPTION_REPLY: u32 = 16 << 20;
 
@@ -29,7 +27,7 @@ impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             structured_replies: true,
-            meta_contexts: vec!["base:allocation".to_string()],
+            meta_contexts: vec![proto::BASE_ALLOCATION.to_string()],
             request_block_size: true,
         }
     }
@@ -69,33 +67,26 @@ struct OptReply {
 }
 
 async fn read_opt_reply<S: AsyncRead + Unpin>(s: &mut S, option: u32) -> Result<OptReply> {
-    let mut hdr = [0u8; 20];
+    let mut hdr = [0u8; proto::OPTION_REPLY_LEN];
     s.read_exact(&mut hdr).await?;
-    let mut h = &hdr[..];
-    let magic = h.get_u64();
-    let echoed = h.get_u32();
-    let kind = h.get_u32();
-    let len = h.get_u32();
-    if magic != proto::OPT_REPLY_MAGIC {
+    let h = OptionReply::decode(&hdr)
+        .map_err(|e| NbdError::Handshake(format!("option reply to {}: {e}", opt::name(option))))?;
+    if h.option != option {
         return Err(NbdError::Handshake(format!(
-            "bad option reply magic {magic:#x} in reply to {}",
+            "reply for option {} while waiting for {}",
+            h.option,
             opt::name(option)
         )));
     }
-    if echoed != option {
+    if h.length > MAX_OPTION_REPLY {
         return Err(NbdError::Handshake(format!(
-            "reply for option {echoed} while waiting for {}",
-            opt::name(option)
+            "option reply of {} bytes is too large",
+            h.length
         )));
     }
-    if len > MAX_OPTION_REPLY {
-        return Err(NbdError::Handshake(format!(
-            "option reply of {len} bytes is too large"
-        )));
-    }
-    let mut data = vec![0u8; len as usize];
+    let mut data = vec![0u8; h.length as usize];
     s.read_exact(&mut data).await?;
-    Ok(OptReply { kind, data })
+    Ok(OptReply { kind: h.kind, data })
 }
 
 fn refused(option: u32, r: &OptReply) -> NbdError {
@@ -133,7 +124,7 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     }
     match h.get_u64() {
         proto::IHAVEOPT => {}
-        CLISERV_MAGIC => {
+        proto::CLISERV_MAGIC => {
             let mut rest = [0u8; 8 + 4 + 124];
             s.read_exact(&mut rest).await?;
             let mut r = &rest[..];
@@ -296,11 +287,4 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         block_sizes: None,
         entered_by: "NBD_OPT_EXPORT_NAME",
     })
-}
-
-/// Build the greeting of a fixed newstyle server (tests and loopback server).
-pub fn server_greeting(flags: u16, out: &mut impl BufMut) {
-    out.put_u64(proto::NBDMAGIC);
-    out.put_u64(proto::IHAVEOPT);
-    out.put_u16(flags);
 }

@@ -11,8 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use super::proto::errno::{EINVAL, EIO, ENOSPC};
 use super::proto::{
-    self, cmd, cmd_flag, info, opt, rep, reply_type, ReplyHeader, Request, TransmissionFlags,
+    self, cmd, cmd_flag, info, opt, rep, reply_type, HeaderMode, OptionHeader, OptionReply,
+    ReplyHeader, Request, TransmissionFlags,
 };
 
 /// How the loopback server behaves.
@@ -101,7 +103,7 @@ async fn serve(mut s: TcpStream, cfg: Arc<LoopbackConfig>, data: Arc<Mutex<Vec<u
     let mut batch: Vec<BytesMut> = Vec::new();
     loop {
         // Parse every complete request in the buffer, then answer them.
-        while let Some(req) = Request::decode(&inbuf) {
+        while let Ok(req) = Request::decode(&inbuf) {
             let payload = if req.kind == cmd::WRITE {
                 req.length as usize
             } else {
@@ -147,35 +149,26 @@ fn answer(
     structured: bool,
 ) -> BytesMut {
     let mut out = BytesMut::new();
-    let (off, len) = (req.offset, req.length as u64);
+    let (off, len) = (req.offset, req.length);
     let in_range = off.checked_add(len).is_some_and(|e| e <= cfg.size);
     let error = |out: &mut BytesMut, errno: u32| {
         if structured {
-            let msg = b"loopback refuses";
-            ReplyHeader::encode_structured(
-                proto::REPLY_FLAG_DONE,
-                reply_type::ERROR,
-                req.handle,
-                6 + msg.len() as u32,
-                out,
-            );
-            out.put_u32(errno);
-            out.put_u16(msg.len() as u16);
-            out.put_slice(msg);
+            let mode = HeaderMode::Structured;
+            proto::encode_error_chunk(mode, req.handle, off, errno, "loopback refuses", out);
         } else {
             ReplyHeader::encode_simple(errno, req.handle, out);
         }
     };
     if let Some(bad) = cfg.fail_at {
         if req.kind != cmd::FLUSH && off <= bad && bad < off.saturating_add(len.max(1)) {
-            error(&mut out, 5);
+            error(&mut out, EIO);
             return out;
         }
     }
     match req.kind {
         cmd::READ => {
             if !in_range {
-                error(&mut out, 22);
+                error(&mut out, EINVAL);
                 return out;
             }
             let mut buf = if cfg.null {
@@ -237,7 +230,7 @@ fn answer(
         }
         cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM => {
             if !in_range {
-                error(&mut out, 28);
+                error(&mut out, ENOSPC);
                 return out;
             }
             if !cfg.null {
@@ -254,7 +247,7 @@ fn answer(
         cmd::FLUSH => ReplyHeader::encode_simple(0, req.handle, &mut out),
         cmd::BLOCK_STATUS if structured => {
             if !in_range || len == 0 {
-                error(&mut out, 22);
+                error(&mut out, EINVAL);
                 return out;
             }
             // One extent per 4 KiB-aligned run of zero / non-zero data, at most 8.
@@ -288,14 +281,14 @@ fn answer(
                 out.put_u32(f);
             }
         }
-        _ => error(&mut out, 22),
+        _ => error(&mut out, EINVAL),
     }
     out
 }
 
 async fn handshake(s: &mut TcpStream, cfg: &LoopbackConfig) -> std::io::Result<bool> {
     let mut g = Vec::new();
-    super::handshake::server_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES, &mut g);
+    proto::server_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES, &mut g);
     s.write_all(&g).await?;
     let client_flags = s.read_u32().await?;
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
@@ -307,21 +300,15 @@ async fn handshake(s: &mut TcpStream, cfg: &LoopbackConfig) -> std::io::Result<b
         | TransmissionFlags::CAN_MULTI_CONN;
     let mut structured = false;
     loop {
-        let magic = s.read_u64().await?;
-        if magic != proto::IHAVEOPT {
-            return Err(std::io::ErrorKind::InvalidData.into());
-        }
-        let option = s.read_u32().await?;
-        let len = s.read_u32().await?;
-        let mut body = vec![0u8; len as usize];
+        let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
+        s.read_exact(&mut hdr).await?;
+        let OptionHeader { option, length } =
+            OptionHeader::decode(&hdr).map_err(|_| std::io::ErrorKind::InvalidData)?;
+        let mut body = vec![0u8; length as usize];
         s.read_exact(&mut body).await?;
         let mut out = Vec::new();
         let reply = |out: &mut Vec<u8>, kind: u32, data: &[u8]| {
-            out.put_u64(proto::OPT_REPLY_MAGIC);
-            out.put_u32(option);
-            out.put_u32(kind);
-            out.put_u32(data.len() as u32);
-            out.put_slice(data);
+            OptionReply::encode_with(option, kind, data, out)
         };
         match option {
             opt::EXPORT_NAME => {
@@ -339,7 +326,7 @@ async fn handshake(s: &mut TcpStream, cfg: &LoopbackConfig) -> std::io::Result<b
             }
             opt::SET_META_CONTEXT if structured => {
                 let mut ctx = 1u32.to_be_bytes().to_vec();
-                ctx.extend_from_slice(b"base:allocation");
+                ctx.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
                 reply(&mut out, rep::META_CONTEXT, &ctx);
                 reply(&mut out, rep::ACK, &[]);
             }

@@ -19,19 +19,26 @@
 //! when the server does not support GO). Requests are pipelined: every method
 //! takes `&self`, so many tasks can share one client (or clones of it) and
 //! keep many requests in flight.
+//!
+//! * [`proto`]: the wire format — [`ballast_proto::nbd`], the one codec
+//!   shared with `ballastd`'s server, re-exported here.
+//! * `handshake`: fixed newstyle negotiation ([`negotiate`]).
+//! * `client`: the pipelined [`NbdClient`].
+//! * `error`: [`NbdError`]; `uri`: [`NbdUri`] parsing.
+//! * [`loopback`]: a small in-memory server for tests and benchmarks.
 
 mod client;
 mod error;
 mod handshake;
 pub mod loopback;
-pub mod proto;
 mod uri;
 
 #[cfg(test)]
 mod tests;
 
+pub use ballast_proto::nbd as proto;
 pub use client::{Extent, NbdClient};
 pub use error::{NbdErrno, NbdError, Result};
-pub use handshake::{negotiate, server_greeting, BlockSizes, ConnectOptions, Negotiated};
-pub use proto::TransmissionFlags;
+pub use handshake::{negotiate, BlockSizes, ConnectOptions, Negotiated};
+pub use proto::{server_greeting, TransmissionFlags};
 pub use uri::{NbdAddr, NbdUri, DEFAULT_PORT};

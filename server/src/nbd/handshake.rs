@@ -8,7 +8,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::export::{Export, ExportCatalog};
-use super::proto::{self, HeaderMode};
+use super::proto::{self, HeaderMode, OptionHeader, OptionReply};
 use super::server::NbdConfig;
 
 /// What option haggling settled on, handed to the transmission phase.
@@ -69,94 +69,6 @@ pub(crate) fn block_sizes(export: &dyn Export, max_payload: u32) -> (u32, u32, u
     (1, pref, max.max(pref))
 }
 
-/// Parsed `NBD_OPT_INFO` / `NBD_OPT_GO` payload.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct InfoRequest {
-    pub name: String,
-    pub requests: Vec<u16>,
-}
-
-fn string(b: &[u8]) -> Result<String, &'static str> {
-    if b.len() > proto::MAX_STRING {
-        return Err("string longer than 4096 bytes");
-    }
-    if b.contains(&0) {
-        return Err("string contains NUL");
-    }
-    String::from_utf8(b.to_vec()).map_err(|_| "string is not UTF-8")
-}
-
-fn take_u32(b: &mut &[u8]) -> Option<u32> {
-    if b.len() < 4 {
-        return None;
-    }
-    let v = u32::from_be_bytes(b[..4].try_into().ok()?);
-    *b = &b[4..];
-    Some(v)
-}
-
-fn take_u16(b: &mut &[u8]) -> Option<u16> {
-    if b.len() < 2 {
-        return None;
-    }
-    let v = u16::from_be_bytes([b[0], b[1]]);
-    *b = &b[2..];
-    Some(v)
-}
-
-fn take_bytes<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    if b.len() < n {
-        return None;
-    }
-    let (h, t) = b.split_at(n);
-    *b = t;
-    Some(h)
-}
-
-pub(crate) fn parse_info(payload: &[u8]) -> Result<InfoRequest, &'static str> {
-    let mut b = payload;
-    let n = take_u32(&mut b).ok_or("payload shorter than a name length")? as usize;
-    let name = take_bytes(&mut b, n).ok_or("name length runs past the payload")?;
-    let name = string(name)?;
-    let count = take_u16(&mut b).ok_or("missing information request count")? as usize;
-    if b.len() != count * 2 {
-        return Err("information request count does not match the payload");
-    }
-    let mut requests = Vec::with_capacity(count);
-    for _ in 0..count {
-        requests.push(take_u16(&mut b).expect("length checked"));
-    }
-    Ok(InfoRequest { name, requests })
-}
-
-/// Parsed `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` payload.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct MetaRequest {
-    pub name: String,
-    pub queries: Vec<String>,
-}
-
-pub(crate) fn parse_meta(payload: &[u8]) -> Result<MetaRequest, &'static str> {
-    let mut b = payload;
-    let n = take_u32(&mut b).ok_or("payload shorter than a name length")? as usize;
-    let name = string(take_bytes(&mut b, n).ok_or("name length runs past the payload")?)?;
-    let count = take_u32(&mut b).ok_or("missing query count")? as usize;
-    // Every query needs at least its 4-byte length: bound before allocating.
-    if count > b.len() / 4 {
-        return Err("query count runs past the payload");
-    }
-    let mut queries = Vec::with_capacity(count);
-    for _ in 0..count {
-        let n = take_u32(&mut b).ok_or("query length runs past the payload")? as usize;
-        let q = take_bytes(&mut b, n).ok_or("query runs past the payload")?;
-        queries.push(string(q)?);
-    }
-    if !b.is_empty() {
-        return Err("trailing bytes after the queries");
-    }
-    Ok(MetaRequest { name, queries })
-}
-
 /// Whether a LIST_META_CONTEXT query list matches `base:allocation`
 /// (an empty list lists everything; `base:` is a wildcard for the namespace;
 /// unknown namespaces are ignored).
@@ -187,8 +99,17 @@ struct State<'a> {
 
 impl State<'_> {
     fn reply(&mut self, opt: u32, rep: u32, data: &[u8]) {
-        proto::put_option_reply(&mut self.out, opt, rep, data.len() as u32);
-        self.out.put_slice(data);
+        OptionReply::encode_with(opt, rep, data, &mut self.out);
+    }
+
+    /// The header of a reply whose `length` bytes of data the caller appends.
+    fn reply_header(&mut self, option: u32, kind: u32, length: u32) {
+        OptionReply {
+            option,
+            kind,
+            length,
+        }
+        .encode(&mut self.out);
     }
 
     fn error(&mut self, opt: u32, rep: u32, msg: &str) {
@@ -239,10 +160,10 @@ where
         next_ctx_id: 1,
         out: BytesMut::with_capacity(1024),
     };
-    st.out.put_u64(proto::NBDMAGIC);
-    st.out.put_u64(proto::IHAVEOPT);
-    st.out
-        .put_u16(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+    proto::server_greeting(
+        proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
+        &mut st.out,
+    );
     flush_out(wr, &mut st.out).await?;
 
     let client_flags = match rd.read_u32().await {
@@ -258,21 +179,18 @@ where
     }
     st.no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
 
-    let mut hdr = [0u8; 16];
+    let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
     loop {
         match rd.read_exact(&mut hdr).await {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
             Err(e) => return Err(e.into()),
         }
-        let magic = u64::from_be_bytes(hdr[..8].try_into().expect("8"));
-        if magic != proto::IHAVEOPT {
-            return Err(HandshakeError::Protocol(format!(
-                "bad option magic {magic:#x}"
-            )));
-        }
-        let opt = u32::from_be_bytes(hdr[8..12].try_into().expect("4"));
-        let len = u32::from_be_bytes(hdr[12..16].try_into().expect("4"));
+        let OptionHeader {
+            option: opt,
+            length: len,
+        } = OptionHeader::decode(&hdr)
+            .map_err(|e| HandshakeError::Protocol(format!("option request: {e}")))?;
 
         if len > cfg.max_option_len {
             // Never allocate a client-claimed size. EXPORT_NAME cannot be
@@ -329,7 +247,7 @@ where
 
         match opt {
             proto::OPT_EXPORT_NAME => {
-                let name = string(&payload)
+                let name = proto::parse_string(&payload)
                     .map_err(|e| HandshakeError::Protocol(format!("EXPORT_NAME: {e}")))?;
                 let Some(export) = st.catalog.open(&name) else {
                     tracing::info!(peer = %peer, export = %name, "EXPORT_NAME for an unknown export; closing");
@@ -366,12 +284,8 @@ where
                     for (name, desc) in st.catalog.list() {
                         let name = proto::truncate_str(&name, proto::MAX_STRING);
                         let desc = proto::truncate_str(&desc, proto::MAX_STRING);
-                        proto::put_option_reply(
-                            &mut st.out,
-                            opt,
-                            proto::REP_SERVER,
-                            (4 + name.len() + desc.len()) as u32,
-                        );
+                        let len = (4 + name.len() + desc.len()) as u32;
+                        st.reply_header(opt, proto::REP_SERVER, len);
                         st.out.put_u32(name.len() as u32);
                         st.out.put_slice(name.as_bytes());
                         st.out.put_slice(desc.as_bytes());
@@ -379,7 +293,7 @@ where
                     st.reply(opt, proto::REP_ACK, &[]);
                 }
             }
-            proto::OPT_INFO | proto::OPT_GO => match parse_info(&payload) {
+            proto::OPT_INFO | proto::OPT_GO => match proto::parse_info(&payload) {
                 Err(e) => st.error(opt, proto::REP_ERR_INVALID, e),
                 Ok(req) => match st.catalog.open(&req.name) {
                     None => {
@@ -389,35 +303,25 @@ where
                     Some(export) => {
                         let size = export.size();
                         let flags = transmission_flags(&*export, st.mode.structured());
-                        proto::put_option_reply(&mut st.out, opt, proto::REP_INFO, 12);
+                        st.reply_header(opt, proto::REP_INFO, 12);
                         st.out.put_u16(proto::INFO_EXPORT);
                         st.out.put_u64(size);
                         st.out.put_u16(flags);
                         if req.requests.contains(&proto::INFO_NAME) && !req.name.is_empty() {
-                            proto::put_option_reply(
-                                &mut st.out,
-                                opt,
-                                proto::REP_INFO,
-                                2 + req.name.len() as u32,
-                            );
+                            st.reply_header(opt, proto::REP_INFO, 2 + req.name.len() as u32);
                             st.out.put_u16(proto::INFO_NAME);
                             st.out.put_slice(req.name.as_bytes());
                         }
                         if req.requests.contains(&proto::INFO_DESCRIPTION) {
                             let d = export.description();
                             let d = proto::truncate_str(&d, proto::MAX_STRING);
-                            proto::put_option_reply(
-                                &mut st.out,
-                                opt,
-                                proto::REP_INFO,
-                                2 + d.len() as u32,
-                            );
+                            st.reply_header(opt, proto::REP_INFO, 2 + d.len() as u32);
                             st.out.put_u16(proto::INFO_DESCRIPTION);
                             st.out.put_slice(d.as_bytes());
                         }
                         // Always sent: clients that did not ask ignore it.
                         let (min, pref, max) = block_sizes(&*export, st.cfg.max_payload);
-                        proto::put_option_reply(&mut st.out, opt, proto::REP_INFO, 14);
+                        st.reply_header(opt, proto::REP_INFO, 14);
                         st.out.put_u16(proto::INFO_BLOCK_SIZE);
                         st.out.put_u32(min);
                         st.out.put_u32(pref);
@@ -499,7 +403,7 @@ where
                         "negotiate structured replies first",
                     );
                 } else {
-                    match parse_meta(&payload) {
+                    match proto::parse_meta(&payload) {
                         Err(e) => st.error(opt, proto::REP_ERR_INVALID, e),
                         Ok(req) => {
                             if st.catalog.open(&req.name).is_none() {
@@ -521,12 +425,8 @@ where
                                         0
                                     };
                                     let name = proto::BASE_ALLOCATION.as_bytes();
-                                    proto::put_option_reply(
-                                        &mut st.out,
-                                        opt,
-                                        proto::REP_META_CONTEXT,
-                                        4 + name.len() as u32,
-                                    );
+                                    let len = 4 + name.len() as u32;
+                                    st.reply_header(opt, proto::REP_META_CONTEXT, len);
                                     st.out.put_u32(id);
                                     st.out.put_slice(name);
                                 }
@@ -548,94 +448,6 @@ mod tests {
     use super::*;
     use crate::nbd::memory_export::{MemoryCatalog, MemoryExport};
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
-
-    fn info_payload(name: &[u8], reqs: &[u16]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        v.extend_from_slice(name);
-        v.extend_from_slice(&(reqs.len() as u16).to_be_bytes());
-        for r in reqs {
-            v.extend_from_slice(&r.to_be_bytes());
-        }
-        v
-    }
-
-    fn meta_payload(name: &[u8], queries: &[&str]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        v.extend_from_slice(name);
-        v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-        for q in queries {
-            v.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            v.extend_from_slice(q.as_bytes());
-        }
-        v
-    }
-
-    #[test]
-    fn info_parsing() {
-        let p = info_payload(b"disk", &[3, 1]);
-        assert_eq!(
-            parse_info(&p).unwrap(),
-            InfoRequest {
-                name: "disk".into(),
-                requests: vec![3, 1]
-            }
-        );
-        assert_eq!(parse_info(&info_payload(b"", &[])).unwrap().name, "");
-        // Truncated: no count.
-        assert!(parse_info(&p[..8]).is_err());
-        // Name length past the end.
-        let mut bad = p.clone();
-        bad[..4].copy_from_slice(&1000u32.to_be_bytes());
-        assert!(parse_info(&bad).is_err());
-        // Count says 3, only 2 present.
-        let mut bad = p.clone();
-        bad[8..10].copy_from_slice(&3u16.to_be_bytes());
-        assert!(parse_info(&bad).is_err());
-        // Trailing garbage.
-        let mut bad = p.clone();
-        bad.push(0);
-        assert!(parse_info(&bad).is_err());
-        // Empty payload and a u32::MAX name length.
-        assert!(parse_info(&[]).is_err());
-        assert!(parse_info(&[0xff, 0xff, 0xff, 0xff, 0, 0]).is_err());
-        // NUL and non-UTF-8 names.
-        assert!(parse_info(&info_payload(b"a\0b", &[])).is_err());
-        assert!(parse_info(&info_payload(&[0xff, 0xfe], &[])).is_err());
-    }
-
-    #[test]
-    fn meta_parsing() {
-        let p = meta_payload(b"disk", &["base:allocation", "qemu:dirty-bitmap:x"]);
-        let r = parse_meta(&p).unwrap();
-        assert_eq!(r.name, "disk");
-        assert_eq!(
-            r.queries,
-            vec![
-                "base:allocation".to_string(),
-                "qemu:dirty-bitmap:x".to_string()
-            ]
-        );
-        assert_eq!(
-            parse_meta(&meta_payload(b"", &[])).unwrap().queries.len(),
-            0
-        );
-        // A huge query count with no data must not allocate or succeed.
-        let mut bad = meta_payload(b"d", &[]);
-        let at = bad.len() - 4;
-        bad[at..].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(parse_meta(&bad).is_err());
-        // Query length past the end.
-        let mut bad = meta_payload(b"d", &["base:allocation"]);
-        let at = 4 + 1 + 4;
-        bad[at..at + 4].copy_from_slice(&100u32.to_be_bytes());
-        assert!(parse_meta(&bad).is_err());
-        // Trailing bytes.
-        let mut bad = p.clone();
-        bad.push(1);
-        assert!(parse_meta(&bad).is_err());
-    }
 
     #[test]
     fn meta_matching() {
@@ -740,7 +552,7 @@ mod tests {
         // SET before STRUCTURED_REPLY is invalid.
         c.opt(
             proto::OPT_SET_META_CONTEXT,
-            &meta_payload(b"disk", &["base:allocation"]),
+            &proto::meta_context_data("disk", &["base:allocation"]),
         )
         .await;
         assert_eq!(c.reply().await.1, proto::REP_ERR_INVALID);
@@ -750,7 +562,7 @@ mod tests {
         assert_eq!(c.reply().await.1, proto::REP_ERR_INVALID);
         c.opt(
             proto::OPT_SET_META_CONTEXT,
-            &meta_payload(b"disk", &["base:allocation", "zz:top"]),
+            &proto::meta_context_data("disk", &["base:allocation", "zz:top"]),
         )
         .await;
         let (_, rep, d) = c.reply().await;
@@ -758,9 +570,9 @@ mod tests {
         assert_ne!(u32::from_be_bytes(d[..4].try_into().unwrap()), 0);
         assert_eq!(&d[4..], b"base:allocation");
         assert_eq!(c.reply().await.1, proto::REP_ACK);
-        c.opt(proto::OPT_GO, &info_payload(b"nope", &[3])).await;
+        c.opt(proto::OPT_GO, &proto::go_data("nope", &[3])).await;
         assert_eq!(c.reply().await.1, proto::REP_ERR_UNKNOWN);
-        c.opt(proto::OPT_GO, &info_payload(b"disk", &[1, 2, 3]))
+        c.opt(proto::OPT_GO, &proto::go_data("disk", &[1, 2, 3]))
             .await;
         let mut seen = Vec::new();
         loop {
@@ -813,15 +625,18 @@ mod tests {
         c.opt(proto::OPT_LIST, b"x").await;
         assert_eq!(c.reply().await.1, proto::REP_ERR_INVALID);
         // LIST_META_CONTEXT with no queries lists base:allocation, id 0.
-        c.opt(proto::OPT_LIST_META_CONTEXT, &meta_payload(b"disk", &[]))
-            .await;
+        c.opt(
+            proto::OPT_LIST_META_CONTEXT,
+            &proto::meta_context_data("disk", &[]),
+        )
+        .await;
         let (_, rep, d) = c.reply().await;
         assert_eq!(rep, proto::REP_META_CONTEXT);
         assert_eq!(&d[..4], &[0, 0, 0, 0]);
         assert_eq!(c.reply().await.1, proto::REP_ACK);
         c.opt(
             proto::OPT_LIST_META_CONTEXT,
-            &meta_payload(b"disk", &["x-other:"]),
+            &proto::meta_context_data("disk", &["x-other:"]),
         )
         .await;
         assert_eq!(c.reply().await.1, proto::REP_ACK);
@@ -889,7 +704,7 @@ mod tests {
         assert_eq!(c.reply().await.1, proto::REP_ERR_EXT_HEADER_REQD);
         c.opt(proto::OPT_EXTENDED_HEADERS, &[]).await;
         assert_eq!(c.reply().await.1, proto::REP_ERR_INVALID);
-        c.opt(proto::OPT_GO, &info_payload(b"disk", &[])).await;
+        c.opt(proto::OPT_GO, &proto::go_data("disk", &[])).await;
         while c.reply().await.1 != proto::REP_ACK {}
         match task.await.unwrap().unwrap() {
             Outcome::Transmission(n) => {
@@ -915,12 +730,12 @@ mod tests {
         assert_eq!(c.reply().await.1, proto::REP_ACK);
         c.opt(
             proto::OPT_SET_META_CONTEXT,
-            &meta_payload(b"ro", &["base:allocation"]),
+            &proto::meta_context_data("ro", &["base:allocation"]),
         )
         .await;
         assert_eq!(c.reply().await.1, proto::REP_META_CONTEXT);
         assert_eq!(c.reply().await.1, proto::REP_ACK);
-        c.opt(proto::OPT_GO, &info_payload(b"disk", &[])).await;
+        c.opt(proto::OPT_GO, &proto::go_data("disk", &[])).await;
         while c.reply().await.1 != proto::REP_ACK {}
         match task.await.unwrap().unwrap() {
             Outcome::Transmission(n) => assert!(n.allocation_ctx.is_none()),

@@ -2,7 +2,8 @@
 //!
 //! * [`export`]: the [`Export`] / [`ExportCatalog`] seam to the storage engine
 //!   (and its call-ordering contract).
-//! * [`proto`]: wire constants and header encoding/decoding.
+//! * [`proto`]: the wire format — `ballast_proto::nbd`, the codec shared
+//!   with the client — plus the flat constant names the server uses.
 //! * `handshake`: fixed newstyle option haggling.
 //! * `transmission`: the pipelined request loop and reply writer.
 //! * [`server`]: [`NbdServer`] (accept loop, graceful shutdown) and

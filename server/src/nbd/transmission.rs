@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::export::{Export, ExportError, ExportFuture, Extent};
 use super::handshake::Negotiated;
-use super::proto::{self, HeaderMode, Request};
+use super::proto::{self, HeaderMode, ReplyHeader, Request};
 use super::server::NbdConfig;
 
 /// Reads smaller than this inside a read are sent as data, not hole chunks.
@@ -66,7 +66,7 @@ enum Body {
 }
 
 struct Reply {
-    cookie: u64,
+    handle: u64,
     offset: u64,
     body: Body,
     permits: Permits,
@@ -202,13 +202,11 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return End::Eof,
                 Err(e) => return End::Io(e),
             }
-            let req = match Request::decode(self.mode, &hdr[..hlen]) {
+            let req = match Request::decode_for(self.mode, &hdr[..hlen]) {
                 Ok(r) => r,
-                Err(proto::HeaderError::BadMagic(m)) => {
-                    return End::Violation(format!("bad request magic {m:#010x}"))
-                }
+                Err(e) => return End::Violation(format!("request header: {e}")),
             };
-            if req.typ == proto::CMD_DISC {
+            if req.kind == proto::CMD_DISC {
                 return End::Disc;
             }
             match self.handle(req).await {
@@ -256,7 +254,7 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
         let _ = self
             .tx
             .send(Reply {
-                cookie: req.cookie,
+                handle: req.handle,
                 offset: req.offset,
                 body,
                 permits,
@@ -318,6 +316,37 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
         }
     }
 
+    /// Admission of a ranged request without payload (TRIM, CACHE,
+    /// WRITE_ZEROES): refuses a write-type request on a read-only export
+    /// (`EPERM`) and a range past the end (with `past_end`: the commands
+    /// have always differed there), and answers a zero-length request at
+    /// once. `Some(permits)` when the export should be called.
+    async fn admit(
+        &mut self,
+        req: &Request,
+        needs_write: bool,
+        past_end: u32,
+        what: &str,
+    ) -> Result<Option<Permits>, End> {
+        if needs_write && self.read_only {
+            self.reject(req, proto::EPERM, "export is read-only".into())
+                .await?;
+            return Ok(None);
+        }
+        if self.out_of_range(req.offset, req.length) {
+            let msg = format!("{what} past the end of the export");
+            self.reject(req, past_end, msg).await?;
+            return Ok(None);
+        }
+        let permits = self.permits(0).await?;
+        if req.length == 0 {
+            self.send(req, ok(), permits).await;
+            return Ok(None);
+        }
+        self.dirty |= needs_write;
+        Ok(Some(permits))
+    }
+
     /// Polls `fut` once here; replies at once if it is done, else finishes it
     /// on its own task.
     async fn start<T, F>(
@@ -337,12 +366,12 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             Poll::Ready(r) => self.send(req, finish(r), permits).await,
             Poll::Pending => {
                 let tx = self.tx.clone();
-                let (cookie, offset) = (req.cookie, req.offset);
+                let (handle, offset) = (req.handle, req.offset);
                 tokio::spawn(async move {
                     let body = finish(fut.await);
                     let _ = tx
                         .send(Reply {
-                            cookie,
+                            handle,
                             offset,
                             body,
                             permits,
@@ -357,7 +386,7 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
         let ext = self.mode == HeaderMode::Extended;
         let payload_flag = if ext { proto::CMD_FLAG_PAYLOAD_LEN } else { 0 };
         let allowed = proto::CMD_FLAG_FUA
-            | match req.typ {
+            | match req.kind {
                 proto::CMD_READ if self.mode.structured() => proto::CMD_FLAG_DF,
                 proto::CMD_WRITE => payload_flag,
                 proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
@@ -367,27 +396,27 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
         let bad_flags = req.flags & !allowed;
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
 
-        if req.typ == proto::CMD_WRITE {
+        if req.kind == proto::CMD_WRITE {
             return self.handle_write(req, bad_flags, fua).await;
         }
         // With extended headers a non-write request may carry a payload
         // (PAYLOAD_LEN); none of ours accept one: skip it and refuse.
         if ext && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
-            if req.len > self.cfg.max_payload as u64 {
+            if req.length > self.cfg.max_payload as u64 {
                 return Err(End::Violation(format!(
                     "{} with a {}-byte payload",
-                    proto::command_name(req.typ),
-                    req.len
+                    proto::command_name(req.kind),
+                    req.length
                 )));
             }
-            self.discard(req.len).await?;
-            tracing::info!(peer = %self.peer, cmd = proto::command_name(req.typ), "request with an unexpected payload");
+            self.discard(req.length).await?;
+            tracing::info!(peer = %self.peer, cmd = proto::command_name(req.kind), "request with an unexpected payload");
             return self
                 .reject(&req, proto::EINVAL, "this command takes no payload".into())
                 .await;
         }
         if !matches!(
-            req.typ,
+            req.kind,
             proto::CMD_READ
                 | proto::CMD_FLUSH
                 | proto::CMD_TRIM
@@ -395,37 +424,37 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 | proto::CMD_WRITE_ZEROES
                 | proto::CMD_BLOCK_STATUS
         ) {
-            tracing::info!(peer = %self.peer, cmd = req.typ, "unknown command");
+            tracing::info!(peer = %self.peer, cmd = req.kind, "unknown command");
             return self
-                .reject(&req, proto::EINVAL, format!("unknown command {}", req.typ))
+                .reject(&req, proto::EINVAL, format!("unknown command {}", req.kind))
                 .await;
         }
         if bad_flags != 0 {
-            tracing::info!(peer = %self.peer, cmd = proto::command_name(req.typ), flags = format_args!("{:#x}", req.flags), "unsupported command flags");
+            tracing::info!(peer = %self.peer, cmd = proto::command_name(req.kind), flags = format_args!("{:#x}", req.flags), "unsupported command flags");
             return self
                 .reject(
                     &req,
                     proto::EINVAL,
                     format!(
                         "unsupported flags {bad_flags:#x} for {}",
-                        proto::command_name(req.typ)
+                        proto::command_name(req.kind)
                     ),
                 )
                 .await;
         }
 
-        match req.typ {
+        match req.kind {
             proto::CMD_READ => {
-                if req.len > self.cfg.max_payload as u64 {
+                if req.length > self.cfg.max_payload as u64 {
                     return self
                         .reject(
                             &req,
                             proto::EINVAL,
-                            format!("read of {} bytes exceeds the maximum", req.len),
+                            format!("read of {} bytes exceeds the maximum", req.length),
                         )
                         .await;
                 }
-                if self.out_of_range(req.offset, req.len) {
+                if self.out_of_range(req.offset, req.length) {
                     return self
                         .reject(
                             &req,
@@ -434,8 +463,8 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                         )
                         .await;
                 }
-                let permits = self.permits(req.len).await?;
-                let len = req.len as u32;
+                let permits = self.permits(req.length).await?;
+                let len = req.length as u32;
                 if len == 0 {
                     self.send(
                         &req,
@@ -472,71 +501,31 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 self.start(&req, permits, fut, status_body).await;
             }
             proto::CMD_TRIM => {
-                if self.read_only {
-                    return self
-                        .reject(&req, proto::EPERM, "export is read-only".into())
-                        .await;
-                }
-                if self.out_of_range(req.offset, req.len) {
-                    return self
-                        .reject(
-                            &req,
-                            proto::EINVAL,
-                            "trim past the end of the export".into(),
-                        )
-                        .await;
-                }
-                let permits = self.permits(0).await?;
-                if req.len == 0 {
-                    self.send(&req, ok(), permits).await;
+                let Some(permits) = self.admit(&req, true, proto::EINVAL, "trim").await? else {
                     return Ok(());
-                }
-                self.dirty = true;
-                let fut = self.export.trim(req.offset, req.len, fua);
+                };
+                let fut = self.export.trim(req.offset, req.length, fua);
                 self.start(&req, permits, fut, status_body).await;
             }
             proto::CMD_CACHE => {
-                if self.out_of_range(req.offset, req.len) {
-                    return self
-                        .reject(
-                            &req,
-                            proto::EINVAL,
-                            "cache past the end of the export".into(),
-                        )
-                        .await;
-                }
-                let permits = self.permits(0).await?;
-                if req.len == 0 {
-                    self.send(&req, ok(), permits).await;
+                let Some(permits) = self.admit(&req, false, proto::EINVAL, "cache").await? else {
                     return Ok(());
-                }
-                let fut = self.export.cache(req.offset, req.len);
+                };
+                let fut = self.export.cache(req.offset, req.length);
                 self.start(&req, permits, fut, status_body).await;
             }
             proto::CMD_WRITE_ZEROES => {
-                if self.read_only {
-                    return self
-                        .reject(&req, proto::EPERM, "export is read-only".into())
-                        .await;
-                }
-                if self.out_of_range(req.offset, req.len) {
-                    return self
-                        .reject(
-                            &req,
-                            proto::ENOSPC,
-                            "write zeroes past the end of the export".into(),
-                        )
-                        .await;
-                }
-                let permits = self.permits(0).await?;
-                if req.len == 0 {
-                    self.send(&req, ok(), permits).await;
+                // ENOSPC past the end, as for WRITE: zeroing there is writing
+                // there (TRIM and CACHE only name a range: EINVAL).
+                let admitted = self.admit(&req, true, proto::ENOSPC, "write zeroes");
+                let Some(permits) = admitted.await? else {
                     return Ok(());
-                }
-                self.dirty = true;
+                };
                 let no_hole = req.flags & proto::CMD_FLAG_NO_HOLE != 0;
                 let fast = req.flags & proto::CMD_FLAG_FAST_ZERO != 0;
-                let fut = self.export.write_zeroes(req.offset, req.len, fua, no_hole);
+                let fut = self
+                    .export
+                    .write_zeroes(req.offset, req.length, fua, no_hole);
                 self.start(&req, permits, fut, move |r| match r {
                     Ok(()) => ok(),
                     // ENOTSUP is only allowed as the answer to a fast zero.
@@ -555,12 +544,12 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                         )
                         .await;
                 };
-                if req.len == 0 {
+                if req.length == 0 {
                     return self
                         .reject(&req, proto::EINVAL, "block status of zero bytes".into())
                         .await;
                 }
-                if self.out_of_range(req.offset, req.len) {
+                if self.out_of_range(req.offset, req.length) {
                     return self
                         .reject(
                             &req,
@@ -576,7 +565,7 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 } else {
                     MAX_COMPACT_EXTENT
                 };
-                let len = req.len;
+                let len = req.length;
                 let fut = self.export.block_status(req.offset, len);
                 self.start(&req, permits, fut, move |r| match r {
                     Ok(ext) => Body::BlockStatus {
@@ -593,11 +582,11 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
     }
 
     async fn handle_write(&mut self, req: Request, bad_flags: u16, fua: bool) -> Result<(), End> {
-        if req.len > self.cfg.max_payload as u64 {
+        if req.length > self.cfg.max_payload as u64 {
             // Never allocate (or wait for) a claimed size above the cap.
             return Err(End::Violation(format!(
                 "WRITE of {} bytes exceeds the {}-byte maximum",
-                req.len, self.cfg.max_payload
+                req.length, self.cfg.max_payload
             )));
         }
         let refusal = if bad_flags != 0 {
@@ -608,7 +597,7 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             ))
         } else if self.read_only {
             Some((proto::EPERM, "export is read-only".to_string()))
-        } else if self.out_of_range(req.offset, req.len) {
+        } else if self.out_of_range(req.offset, req.length) {
             Some((
                 proto::ENOSPC,
                 "write past the end of the export".to_string(),
@@ -618,11 +607,11 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
         };
         if let Some((errno, msg)) = refusal {
             // Keep the stream in sync: the payload must be consumed.
-            self.discard(req.len).await?;
+            self.discard(req.length).await?;
             return self.reject(&req, errno, msg).await;
         }
-        let permits = self.permits(req.len).await?;
-        let data = self.read_payload(req.len as usize).await?;
+        let permits = self.permits(req.length).await?;
+        let data = self.read_payload(req.length as usize).await?;
         if data.is_empty() {
             self.send(&req, ok(), permits).await;
             return Ok(());
@@ -757,48 +746,48 @@ impl Encoder {
 
     fn push(&mut self, r: Reply) {
         let before = self.out.len();
-        let (mode, cookie, offset) = (self.mode, r.cookie, r.offset);
+        let (mode, handle, offset) = (self.mode, r.handle, r.offset);
         match r.body {
             Body::Status { error, msg } => match mode {
-                HeaderMode::Simple => proto::put_simple_reply(&mut self.out, error, cookie),
+                HeaderMode::Simple => ReplyHeader::encode_simple(error, handle, &mut self.out),
                 _ if error == 0 => {
                     if mode == HeaderMode::Extended {
-                        proto::put_chunk_header(
-                            &mut self.out,
+                        ReplyHeader::chunk(
                             mode,
                             proto::REPLY_FLAG_DONE,
                             proto::REPLY_TYPE_NONE,
-                            cookie,
+                            handle,
                             offset,
                             0,
-                        );
+                        )
+                        .encode(&mut self.out);
                     } else {
-                        proto::put_simple_reply(&mut self.out, 0, cookie);
+                        ReplyHeader::encode_simple(0, handle, &mut self.out);
                     }
                 }
-                _ => proto::put_error_chunk(
-                    &mut self.out,
+                _ => proto::encode_error_chunk(
                     mode,
-                    cookie,
+                    handle,
                     offset,
                     error,
                     msg.as_deref().unwrap_or(""),
+                    &mut self.out,
                 ),
             },
             Body::Read { data, extents, df } => {
                 if mode == HeaderMode::Simple {
-                    proto::put_simple_reply(&mut self.out, 0, cookie);
+                    ReplyHeader::encode_simple(0, handle, &mut self.out);
                     self.data(data);
                 } else if data.is_empty() {
-                    proto::put_chunk_header(
-                        &mut self.out,
+                    ReplyHeader::chunk(
                         mode,
                         proto::REPLY_FLAG_DONE,
                         proto::REPLY_TYPE_NONE,
-                        cookie,
+                        handle,
                         offset,
                         0,
-                    );
+                    )
+                    .encode(&mut self.out);
                 } else {
                     let len = data.len() as u64;
                     let mut runs = std::mem::take(&mut self.runs);
@@ -818,27 +807,27 @@ impl Encoder {
                             0
                         };
                         if hole {
-                            proto::put_chunk_header(
-                                &mut self.out,
+                            ReplyHeader::chunk(
                                 mode,
                                 flags,
                                 proto::REPLY_TYPE_OFFSET_HOLE,
-                                cookie,
+                                handle,
                                 offset,
                                 12,
-                            );
+                            )
+                            .encode(&mut self.out);
                             self.out.put_u64(offset + at);
                             self.out.put_u32(l as u32);
                         } else {
-                            proto::put_chunk_header(
-                                &mut self.out,
+                            ReplyHeader::chunk(
                                 mode,
                                 flags,
                                 proto::REPLY_TYPE_OFFSET_DATA,
-                                cookie,
+                                handle,
                                 offset,
                                 8 + l,
-                            );
+                            )
+                            .encode(&mut self.out);
                             self.out.put_u64(offset + at);
                             self.data(data.slice(at as usize..(at + l) as usize));
                         }
@@ -849,15 +838,15 @@ impl Encoder {
             Body::BlockStatus { ctx, extents } => {
                 if mode == HeaderMode::Extended {
                     let len = 8 + 16 * extents.len() as u64;
-                    proto::put_chunk_header(
-                        &mut self.out,
+                    ReplyHeader::chunk(
                         mode,
                         proto::REPLY_FLAG_DONE,
                         proto::REPLY_TYPE_BLOCK_STATUS_EXT,
-                        cookie,
+                        handle,
                         offset,
                         len,
-                    );
+                    )
+                    .encode(&mut self.out);
                     self.out.put_u32(ctx);
                     self.out.put_u32(extents.len() as u32);
                     for (l, f) in extents {
@@ -866,15 +855,15 @@ impl Encoder {
                     }
                 } else {
                     let len = 4 + 8 * extents.len() as u64;
-                    proto::put_chunk_header(
-                        &mut self.out,
+                    ReplyHeader::chunk(
                         mode,
                         proto::REPLY_FLAG_DONE,
                         proto::REPLY_TYPE_BLOCK_STATUS,
-                        cookie,
+                        handle,
                         offset,
                         len,
-                    );
+                    )
+                    .encode(&mut self.out);
                     self.out.put_u32(ctx);
                     for (l, f) in extents {
                         self.out.put_u32(l as u32);

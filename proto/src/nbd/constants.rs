@@ -1,37 +1,54 @@
-//! NBD wire format: constants, request encoding and reply header decoding.
-//!
-//! Everything here is pure (no I/O) so it can be unit-tested and benchmarked
-//! on its own. All integers are big-endian on the wire.
-
-use bytes::{Buf, BufMut};
+//! Magics, sizes, flags and codes of the NBD protocol.
 
 /// `NBDMAGIC`, the first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`, the newstyle magic, also prefixed to every option request.
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+/// The oldstyle magic that follows `NBDMAGIC` (oldstyle servers only).
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of an option reply during fixed newstyle negotiation.
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-/// Magic of a transmission request.
+/// Magic of a compact transmission request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of an extended (64-bit) transmission request.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Magic of an extended reply chunk.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
-/// Size of a transmission request header.
+/// Size of an option request header (`IHAVEOPT`, option, length).
+pub const OPTION_HEADER_LEN: usize = 16;
+/// Size of an option reply header (magic, option, reply type, length).
+pub const OPTION_REPLY_LEN: usize = 20;
+/// Size of a compact transmission request header.
 pub const REQUEST_LEN: usize = 28;
+/// Size of an extended transmission request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
 /// Size of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured reply chunk header.
 pub const STRUCTURED_REPLY_LEN: usize = 20;
+/// Size of an extended reply chunk header.
+pub const EXTENDED_REPLY_LEN: usize = 32;
 
-/// Handshake flags (server, 16 bits).
+/// Largest READ/WRITE payload every peer must accept (2^25: the spec says a
+/// request this large must never be treated as abuse, and it is the limit a
+/// client assumes when the server states none).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Longest string (export name, description, error message) on the wire.
+pub const MAX_STRING: usize = 4096;
+
+/// Handshake flag (server, 16 bits): fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-/// Server may omit the 124 zero bytes after `NBD_OPT_EXPORT_NAME`.
+/// Handshake flag (server): may omit the 124 zero bytes after
+/// `NBD_OPT_EXPORT_NAME`.
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
-/// Client flags (32 bits).
+/// Client flag (32 bits): fixed newstyle.
 pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
-/// Client asks the server to omit the 124 zero bytes.
+/// Client flag: asks the server to omit the 124 zero bytes.
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 /// Option codes.
@@ -57,7 +74,7 @@ pub mod opt {
     /// Negotiate 64-bit extended headers.
     pub const EXTENDED_HEADERS: u32 = 11;
 
-    /// Name of an option code, for messages.
+    /// The spec's name of an option code, e.g. `NBD_OPT_GO`.
     pub fn name(code: u32) -> &'static str {
         match code {
             EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
@@ -108,7 +125,7 @@ pub mod rep {
     /// Extended headers required.
     pub const ERR_EXT_HEADER_REQD: u32 = ERR_BIT | 10;
 
-    /// Name of an option reply type, for messages.
+    /// The spec's name of an option reply type, e.g. `NBD_REP_ERR_UNKNOWN`.
     pub fn name(code: u32) -> &'static str {
         match code {
             ACK => "NBD_REP_ACK",
@@ -164,7 +181,7 @@ pub mod cmd {
     /// Resize.
     pub const RESIZE: u16 = 8;
 
-    /// Name of a command, for messages.
+    /// The spec's name of a command, e.g. `NBD_CMD_READ`.
     pub fn name(code: u16) -> &'static str {
         match code {
             READ => "NBD_CMD_READ",
@@ -193,6 +210,8 @@ pub mod cmd_flag {
     pub const REQ_ONE: u16 = 1 << 3;
     /// WRITE_ZEROES: fail fast if not faster than a write.
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// Extended headers: the length field is a payload length.
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk types.
@@ -218,12 +237,14 @@ pub mod reply_type {
 /// Structured reply flag: last chunk of this reply.
 pub const REPLY_FLAG_DONE: u16 = 1;
 
+/// The metadata context of allocation status.
+pub const BASE_ALLOCATION: &str = "base:allocation";
 /// `base:allocation` state: the extent is a hole.
 pub const STATE_HOLE: u32 = 1;
 /// `base:allocation` state: the extent reads as zeroes.
 pub const STATE_ZERO: u32 = 2;
 
-/// Transmission flags of an export, as the server advertised them.
+/// Transmission flags of an export, as the server advertises them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct TransmissionFlags(pub u16);
 
@@ -334,257 +355,9 @@ impl std::fmt::Display for TransmissionFlags {
     }
 }
 
-/// A transmission request header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
-    /// Command flags (`cmd_flag::*`).
-    pub flags: u16,
-    /// Command type (`cmd::*`).
-    pub kind: u16,
-    /// Handle (cookie) echoed in the reply.
-    pub handle: u64,
-    /// Byte offset.
-    pub offset: u64,
-    /// Byte length.
-    pub length: u32,
-}
-
-impl Request {
-    /// Append the 28-byte header to `out`.
-    #[inline]
-    pub fn encode(&self, out: &mut impl BufMut) {
-        out.put_u32(REQUEST_MAGIC);
-        out.put_u16(self.flags);
-        out.put_u16(self.kind);
-        out.put_u64(self.handle);
-        out.put_u64(self.offset);
-        out.put_u32(self.length);
-    }
-
-    /// Parse a 28-byte header (used by tests and the loopback server).
-    pub fn decode(mut buf: &[u8]) -> Option<Request> {
-        if buf.len() < REQUEST_LEN || buf.get_u32() != REQUEST_MAGIC {
-            return None;
-        }
-        Some(Request {
-            flags: buf.get_u16(),
-            kind: buf.get_u16(),
-            handle: buf.get_u64(),
-            offset: buf.get_u64(),
-            length: buf.get_u32(),
-        })
-    }
-}
-
-/// A decoded reply header, simple or structured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyHeader {
-    /// Simple reply: `error` is 0 on success. A successful read's data follows.
-    Simple {
-        /// NBD errno, 0 on success.
-        error: u32,
-        /// Handle of the request.
-        handle: u64,
-    },
-    /// One chunk of a structured reply; `length` payload bytes follow.
-    Structured {
-        /// `REPLY_FLAG_DONE` etc.
-        flags: u16,
-        /// Chunk type (`reply_type::*`).
-        kind: u16,
-        /// Handle of the request.
-        handle: u64,
-        /// Payload length.
-        length: u32,
-    },
-}
-
-/// Outcome of trying to decode a reply header from the front of a buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decoded {
-    /// A header and how many bytes it used.
-    Header(ReplyHeader, usize),
-    /// More bytes are needed.
-    Incomplete,
-    /// The magic is neither simple nor structured.
-    BadMagic(u32),
-}
-
-impl ReplyHeader {
-    /// Decode a reply header from the front of `buf` without consuming it.
-    #[inline]
-    pub fn decode(buf: &[u8]) -> Decoded {
-        if buf.len() < 4 {
-            return Decoded::Incomplete;
-        }
-        let magic = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        match magic {
-            SIMPLE_REPLY_MAGIC => {
-                if buf.len() < SIMPLE_REPLY_LEN {
-                    return Decoded::Incomplete;
-                }
-                let mut b = &buf[4..SIMPLE_REPLY_LEN];
-                let error = b.get_u32();
-                let handle = b.get_u64();
-                Decoded::Header(ReplyHeader::Simple { error, handle }, SIMPLE_REPLY_LEN)
-            }
-            STRUCTURED_REPLY_MAGIC => {
-                if buf.len() < STRUCTURED_REPLY_LEN {
-                    return Decoded::Incomplete;
-                }
-                let mut b = &buf[4..STRUCTURED_REPLY_LEN];
-                let flags = b.get_u16();
-                let kind = b.get_u16();
-                let handle = b.get_u64();
-                let length = b.get_u32();
-                Decoded::Header(
-                    ReplyHeader::Structured {
-                        flags,
-                        kind,
-                        handle,
-                        length,
-                    },
-                    STRUCTURED_REPLY_LEN,
-                )
-            }
-            other => Decoded::BadMagic(other),
-        }
-    }
-
-    /// Handle carried by the header.
-    pub fn handle(&self) -> u64 {
-        match *self {
-            ReplyHeader::Simple { handle, .. } | ReplyHeader::Structured { handle, .. } => handle,
-        }
-    }
-
-    /// Encode a simple reply header (for tests and the loopback server).
-    pub fn encode_simple(error: u32, handle: u64, out: &mut impl BufMut) {
-        out.put_u32(SIMPLE_REPLY_MAGIC);
-        out.put_u32(error);
-        out.put_u64(handle);
-    }
-
-    /// Encode a structured chunk header (for tests and the loopback server).
-    pub fn encode_structured(
-        flags: u16,
-        kind: u16,
-        handle: u64,
-        length: u32,
-        out: &mut impl BufMut,
-    ) {
-        out.put_u32(STRUCTURED_REPLY_MAGIC);
-        out.put_u16(flags);
-        out.put_u16(kind);
-        out.put_u64(handle);
-        out.put_u32(length);
-    }
-}
-
-/// Encode an option request header plus its data.
-pub fn encode_option(option: u32, data: &[u8], out: &mut impl BufMut) {
-    out.put_u64(IHAVEOPT);
-    out.put_u32(option);
-    out.put_u32(data.len() as u32);
-    out.put_slice(data);
-}
-
-/// Data of `NBD_OPT_GO` / `NBD_OPT_INFO`.
-pub fn go_data(export: &str, info_requests: &[u16]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(4 + export.len() + 2 + 2 * info_requests.len());
-    v.put_u32(export.len() as u32);
-    v.put_slice(export.as_bytes());
-    v.put_u16(info_requests.len() as u16);
-    for r in info_requests {
-        v.put_u16(*r);
-    }
-    v
-}
-
-/// Data of `NBD_OPT_SET_META_CONTEXT` / `NBD_OPT_LIST_META_CONTEXT`.
-pub fn meta_context_data(export: &str, queries: &[&str]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.put_u32(export.len() as u32);
-    v.put_slice(export.as_bytes());
-    v.put_u32(queries.len() as u32);
-    for q in queries {
-        v.put_u32(q.len() as u32);
-        v.put_slice(q.as_bytes());
-    }
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_round_trip() {
-        let r = Request {
-            flags: cmd_flag::FUA,
-            kind: cmd::WRITE,
-            handle: 0x0102_0304_0506_0708,
-            offset: 1 << 40,
-            length: 4096,
-        };
-        let mut b = Vec::new();
-        r.encode(&mut b);
-        assert_eq!(b.len(), REQUEST_LEN);
-        assert_eq!(&b[..4], &[0x25, 0x60, 0x95, 0x13]);
-        assert_eq!(&b[4..8], &[0, 1, 0, 1]);
-        assert_eq!(Request::decode(&b), Some(r));
-    }
-
-    #[test]
-    fn reply_headers() {
-        let mut b = Vec::new();
-        ReplyHeader::encode_simple(5, 42, &mut b);
-        assert_eq!(
-            ReplyHeader::decode(&b),
-            Decoded::Header(
-                ReplyHeader::Simple {
-                    error: 5,
-                    handle: 42
-                },
-                16
-            )
-        );
-        assert_eq!(ReplyHeader::decode(&b[..15]), Decoded::Incomplete);
-        let mut s = Vec::new();
-        ReplyHeader::encode_structured(REPLY_FLAG_DONE, reply_type::OFFSET_DATA, 7, 4104, &mut s);
-        assert_eq!(
-            ReplyHeader::decode(&s),
-            Decoded::Header(
-                ReplyHeader::Structured {
-                    flags: 1,
-                    kind: 1,
-                    handle: 7,
-                    length: 4104
-                },
-                20
-            )
-        );
-        assert_eq!(
-            ReplyHeader::decode(&[1, 2, 3, 4, 5]),
-            Decoded::BadMagic(0x0102_0304)
-        );
-    }
-
-    #[test]
-    fn option_layouts() {
-        let mut b = Vec::new();
-        encode_option(opt::GO, &go_data("ex", &[info::BLOCK_SIZE]), &mut b);
-        assert_eq!(
-            b,
-            [
-                0x49, 0x48, 0x41, 0x56, 0x45, 0x4f, 0x50, 0x54, 0, 0, 0, 7, 0, 0, 0, 10, 0, 0, 0,
-                2, b'e', b'x', 0, 1, 0, 3
-            ]
-        );
-        let m = meta_context_data("", &["base:allocation"]);
-        assert_eq!(&m[..8], &[0, 0, 0, 0, 0, 0, 0, 1]);
-        assert_eq!(&m[8..12], &[0, 0, 0, 15]);
-    }
 
     #[test]
     fn flags_display() {
@@ -594,5 +367,23 @@ mod tests {
             "0x0105 (HAS_FLAGS|SEND_FLUSH|CAN_MULTI_CONN)"
         );
         assert!(f.can_flush() && f.can_multi_conn() && !f.read_only());
+        assert_eq!(TransmissionFlags(0).to_string(), "0x0000");
+    }
+
+    #[test]
+    fn codes_match_the_spec() {
+        // The values of doc/proto.md, spelled out independently of the
+        // shifts and ORs above.
+        assert_eq!(&NBDMAGIC.to_be_bytes(), b"NBDMAGIC");
+        assert_eq!(&IHAVEOPT.to_be_bytes(), b"IHAVEOPT");
+        assert_eq!(rep::ERR_UNSUP, 0x8000_0001);
+        assert_eq!(rep::ERR_EXT_HEADER_REQD, 0x8000_000a);
+        assert_eq!(reply_type::ERROR, 32769);
+        assert_eq!(reply_type::ERROR_OFFSET, 32770);
+        assert_eq!(TransmissionFlags::SEND_FAST_ZERO, 0x0800);
+        assert_eq!(cmd_flag::PAYLOAD_LEN, 0x20);
+        assert_eq!(rep::name(0x8000_0042), "unknown NBD_REP_ERR");
+        assert_eq!(opt::name(opt::GO), "NBD_OPT_GO");
+        assert_eq!(cmd::name(99), "unknown NBD_CMD");
     }
 }
