@@ -54,6 +54,9 @@ fn to_export(e: EngineError) -> ExportError {
         EngineError::OutOfRange { .. } | EngineError::InvalidArgument(_) => {
             ExportError::Invalid(e.to_string())
         }
+        EngineError::VolumeNotFound(name) => ExportError::Gone(format!(
+            "volume \"{name}\" was deleted; the connection will be closed"
+        )),
         other => ExportError::Io(other.to_string()),
     }
 }

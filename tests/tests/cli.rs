@@ -146,8 +146,37 @@ fn volume_lifecycle_and_json_shapes() {
         assert!(names.iter().any(|x| x == n), "{n} missing: {names:?}");
     }
 
+    // Deleting a volume a client is connected to: that client's next
+    // request fails and the server closes its connection, rather than
+    // answering every later request with an error.
+    require_python_nbd();
+    let ballast = bin("ballast");
+    python(
+        r#"
+import subprocess, time
+h = conn(sys.argv[1])
+h.pread(4096, 0)
+subprocess.run([sys.argv[2], "--api", sys.argv[3], "volume", "delete", "c1"], check=True)
+try:
+    h.pread(4096, 0)
+    raise AssertionError("read of a deleted volume succeeded")
+except nbd.Error as e:
+    print("after delete:", e.string)
+for _ in range(100):
+    if h.aio_is_dead() or h.aio_is_closed():
+        break
+    try:
+        h.pread(4096, 0)
+    except nbd.Error:
+        pass
+    time.sleep(0.05)
+assert h.aio_is_dead() or h.aio_is_closed(), "connection stayed open after its volume was deleted"
+"#,
+        &[&node.uri("c1"), ballast.to_str().unwrap(), &node.api_url()],
+    );
+
     // delete, newest first
-    for n in ["c1", "s1", "v2"] {
+    for n in ["s1", "v2"] {
         node.cli_ok(&["volume", "delete", n]);
     }
     assert_eq!(volume_names(&node), vec!["v1".to_string()]);

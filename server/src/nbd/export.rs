@@ -59,13 +59,19 @@ pub enum ExportError {
     /// The export is shutting down (`NBD_ESHUTDOWN`).
     #[error("shutting down")]
     Shutdown,
+    /// The export no longer exists (its volume was deleted): the request
+    /// fails with `NBD_EIO` and the server then closes the connection, so
+    /// the client sees the device go away instead of an endless run of
+    /// errors.
+    #[error("export is gone: {0}")]
+    Gone(String),
 }
 
 impl ExportError {
     /// The NBD error value sent to the client.
     pub fn errno(&self) -> u32 {
         match self {
-            ExportError::Io(_) => proto::EIO,
+            ExportError::Io(_) | ExportError::Gone(_) => proto::EIO,
             ExportError::NoSpace => proto::ENOSPC,
             ExportError::ReadOnly => proto::EPERM,
             ExportError::Invalid(_) => proto::EINVAL,

@@ -363,12 +363,25 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             .as_mut()
             .poll(&mut Context::from_waker(noop_waker_ref()));
         match first {
-            Poll::Ready(r) => self.send(req, finish(r), permits).await,
+            Poll::Ready(r) => {
+                let gone = is_gone(&r);
+                self.send(req, finish(r), permits).await;
+                if gone {
+                    self.stop.cancel();
+                }
+            }
             Poll::Pending => {
                 let tx = self.tx.clone();
+                let stop = self.stop.clone();
                 let (handle, offset) = (req.handle, req.offset);
                 tokio::spawn(async move {
-                    let body = finish(fut.await);
+                    let r = fut.await;
+                    if is_gone(&r) {
+                        // The reader stops; this reply still goes out first
+                        // (the writer drains every queued reply).
+                        stop.cancel();
+                    }
+                    let body = finish(r);
                     let _ = tx
                         .send(Reply {
                             handle,
@@ -621,6 +634,10 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
         self.start(&req, permits, fut, status_body).await;
         Ok(())
     }
+}
+
+fn is_gone<T>(r: &Result<T, ExportError>) -> bool {
+    matches!(r, Err(ExportError::Gone(_)))
 }
 
 fn status_body(r: Result<(), ExportError>) -> Body {
