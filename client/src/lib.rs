@@ -1,5 +1,13 @@
-//! The `ballast` client: CLI commands, typed control-plane client, NBD client and benchmark harness.
+//! The `ballast` client: CLI commands, typed control-plane client, NBD client,
+//! host attachment (kernel nbd / FUSE) and benchmark harness.
+//!
+//! * [`api`]: typed gRPC control-plane client.
+//! * [`attach`]: `ballast attach` / `detach` — kernel nbd over generic
+//!   netlink, or a FUSE file served over NBD (docs/attach.md).
+//! * [`nbd`]: asynchronous pipelined NBD client.
+//! * [`cli`]: the command line; [`bench`]: load generator and suites.
 pub mod api;
+pub mod attach;
 pub mod bench;
 pub mod cli;
 pub mod nbd;
