@@ -225,7 +225,36 @@ fn fuse_loop_ext4_detach_reattach_fsck() {
             format!("file {i}\n").repeat(i + 1)
         );
     }
+    // Discard reaches ballastd: deleting the file and running fstrim (loop
+    // device -> fallocate(PUNCH_HOLE) -> NBD TRIM) unmaps its blocks.
+    let mapped = |h: &Host| -> u64 {
+        let v: Json =
+            serde_json::from_str(&h.ballast_ok(&["volume", "info", "fs1", "--json"])).unwrap();
+        v["mapped_bytes"].as_u64().unwrap()
+    };
+    let before = mapped(&h);
+    fs::remove_file(&big).unwrap();
+    run_ok(
+        &mut cmd("sync", Vec::<&str>::new()),
+        Duration::from_secs(120),
+    );
+    run_ok(&mut cmd("fstrim", [&fsdir]), Duration::from_secs(300));
+    assert!(
+        wait_until(Duration::from_secs(20), || mapped(&h) + 32 * MIB < before),
+        "fstrim did not unmap the deleted file's blocks: mapped {} -> {}",
+        before,
+        mapped(&h)
+    );
     h.umount(&fsdir);
+    let fsck = run(
+        &mut cmd("fsck.ext4", ["-fn", &dev]),
+        Duration::from_secs(300),
+    );
+    assert!(
+        fsck.status.success(),
+        "fsck after fstrim: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     h.losetup_d(&dev);
     h.ballast_ok(&["detach", "fs1"]);
 }
