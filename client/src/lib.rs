@@ -1,8 +1,15 @@
-//! The `ballast` client: CLI commands, typed control-plane client, NBD client and benchmark harness.
+//! The `ballast` client: CLI commands, typed control-plane client, NBD client,
+//! host attachment (kernel nbd / FUSE) and benchmark harness.
 //!
-//! The NBD client ([`nbd`]) uses the wire codec `ballast_proto::nbd`, the
-//! same one `ballastd`'s server uses (re-exported as [`nbd::proto`]).
+//! * [`api`]: typed gRPC control-plane client.
+//! * [`attach`]: `ballast attach` / `detach` — kernel nbd over generic
+//!   netlink, or a FUSE file served over NBD (docs/attach.md).
+//! * [`nbd`]: asynchronous pipelined NBD client. It uses the wire codec
+//!   `ballast_proto::nbd`, the same one `ballastd`'s server uses
+//!   (re-exported as [`nbd::proto`]).
+//! * [`cli`]: the command line; [`bench`]: load generator and suites.
 pub mod api;
+pub mod attach;
 pub mod bench;
 pub mod cli;
 pub mod nbd;
