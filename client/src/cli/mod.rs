@@ -5,6 +5,7 @@
 
 pub mod node;
 pub mod output;
+pub mod plugin;
 pub use ballast_proto::size;
 pub mod volume;
 
@@ -53,6 +54,9 @@ pub enum Command {
     Node(node::NodeCommand),
     /// Drive an NBD export with a load generator, or run a benchmark suite.
     Bench(crate::bench::BenchArgs),
+    /// Serve Ballast volumes to other systems (Docker's volume plugin protocol).
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
 }
 
 /// `--json` flag shared by every command that prints a result.
@@ -132,6 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(cmd) => volume::run(&cli.api, cmd).await,
         Command::Node(cmd) => node::run(&cli.api, cmd).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Plugin(cmd) => plugin::run(&cli.api, cmd).await,
     }
 }
 
