@@ -92,6 +92,10 @@ pub struct NodeInfo {
     pub compression_ratio: f64,
     pub checksum_errors: u64,
     pub disks: Vec<Disk>,
+    /// ballastd's NBD listen address (`HOST:PORT`); empty when the server
+    /// did not report one (older ballastd).
+    #[serde(default)]
+    pub nbd_address: String,
 }
 
 /// Parameters of a new volume; `None` leaves the choice to the server
@@ -159,6 +163,7 @@ impl From<pb::NodeInfo> for NodeInfo {
             compression_ratio: n.compression_ratio,
             checksum_errors: n.checksum_errors,
             disks: n.disks.into_iter().map(Into::into).collect(),
+            nbd_address: n.nbd_address,
         }
     }
 }

@@ -1,5 +1,16 @@
-//! The `ballast` client: CLI commands, typed control-plane client, NBD client, benchmark harness and Docker volume plugin.
+//! The `ballast` client: CLI commands, typed control-plane client, NBD client,
+//! host attachment (kernel nbd / FUSE), Docker volume plugin and benchmark
+//! harness.
+//!
+//! * [`api`]: typed gRPC control-plane client.
+//! * [`attach`]: `ballast attach` / `detach` — kernel nbd over generic
+//!   netlink, or a FUSE file served over NBD (docs/attach.md).
+//! * [`nbd`]: asynchronous pipelined NBD client.
+//! * [`cli`]: the command line; [`bench`]: load generator and suites.
+//! * [`plugin`]: `ballast plugin docker`, the Docker volume plugin
+//!   (docs/docker.md).
 pub mod api;
+pub mod attach;
 pub mod bench;
 pub mod cli;
 pub mod nbd;

@@ -151,11 +151,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         backend = engine.backend_name(),
         "ballastd ready"
     );
+    let nbd_addr = nbd.local_addr();
     let nbd_task = tokio::spawn(nbd.run(shutdown.clone()));
-    let control = Arc::new(EngineControl::new(
-        engine.clone(),
-        tokio::runtime::Handle::current(),
-    ));
+    let control = Arc::new(
+        EngineControl::new(engine.clone(), tokio::runtime::Handle::current())
+            .with_nbd_address(nbd_addr),
+    );
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(crate::control::serve_listener(
         api_listener,

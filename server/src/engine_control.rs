@@ -9,13 +9,25 @@ use ballast_engine::{Compression, Engine, EngineError, VolumeInfo, VolumeOptions
 pub struct EngineControl {
     engine: Engine,
     rt: tokio::runtime::Handle,
+    nbd_address: String,
 }
 
 impl EngineControl {
     /// `rt` runs the engine's async control operations; the gRPC layer calls
     /// these methods from blocking threads.
     pub fn new(engine: Engine, rt: tokio::runtime::Handle) -> EngineControl {
-        EngineControl { engine, rt }
+        EngineControl {
+            engine,
+            rt,
+            nbd_address: String::new(),
+        }
+    }
+
+    /// Report `addr` as the node's NBD address in `Node.Info`, so `ballast
+    /// attach` finds the NBD server from the API URL alone.
+    pub fn with_nbd_address(mut self, addr: std::net::SocketAddr) -> EngineControl {
+        self.nbd_address = addr.to_string();
+        self
     }
 }
 
@@ -145,6 +157,7 @@ impl ControlBackend for EngineControl {
                 .collect(),
             checksum_errors: s.checksum_errors,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            nbd_address: self.nbd_address.clone(),
         })
     }
 }

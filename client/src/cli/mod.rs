@@ -3,6 +3,7 @@
 //! `main.rs` calls [`parse`] and then [`run`]; every failure surfaces as one
 //! `error: ...` line on stderr with a non-zero exit status.
 
+pub mod attach;
 pub mod node;
 pub mod output;
 pub mod plugin;
@@ -54,9 +55,45 @@ pub enum Command {
     Node(node::NodeCommand),
     /// Drive an NBD export with a load generator, or run a benchmark suite.
     Bench(crate::bench::BenchArgs),
+    #[command(about = attach::ATTACH_ABOUT, long_about = attach::ATTACH_LONG, after_help = attach::ATTACH_AFTER)]
+    Attach(attach::AttachArgs),
+    /// Detach a volume: disconnect /dev/nbdX, or unmount a FUSE attachment
+    /// (waiting for its final flush).
+    #[command(
+        after_help = "Examples:\n  ballast detach /dev/nbd0\n  ballast detach db1\n  ballast detach /mnt/ballast"
+    )]
+    Detach(attach::DetachArgs),
+    /// The background process of `attach --fuse` (internal).
+    #[command(name = "__fuse-serve", hide = true)]
+    FuseServe(attach::ServeArgs),
     /// Serve Ballast volumes to other systems (Docker's volume plugin protocol).
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+}
+
+impl Cli {
+    /// Parse an explicit argument list, returning clap's error.
+    pub fn try_parse_from_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Cli::try_parse_from(args)
+    }
+
+    /// The serving request when this is the hidden FUSE serving command.
+    pub fn serve_request(&self) -> Option<crate::attach::ServeRequest> {
+        match &self.command {
+            Command::FuseServe(a) => Some(a.request(&self.api)),
+            _ => None,
+        }
+    }
+
+    /// The FUSE server answers requests from many tasks at once: it wants a
+    /// multi-threaded runtime; every other command is fine on one thread.
+    pub fn wants_multi_thread_runtime(&self) -> bool {
+        matches!(self.command, Command::FuseServe(_))
+    }
 }
 
 /// `--json` flag shared by every command that prints a result.
@@ -136,6 +173,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(cmd) => volume::run(&cli.api, cmd).await,
         Command::Node(cmd) => node::run(&cli.api, cmd).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Attach(args) => attach::run_attach(&cli.api, args).await,
+        Command::Detach(args) => attach::run_detach(args).await,
+        Command::FuseServe(args) => Ok(crate::attach::serve::serve(args.request(&cli.api)).await?),
         Command::Plugin(cmd) => plugin::run(&cli.api, cmd).await,
     }
 }

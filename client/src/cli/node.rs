@@ -50,6 +50,14 @@ pub fn info_text(n: &NodeInfo) -> String {
         ("Node", n.node_id.clone()),
         ("Version", n.version.clone()),
         ("IO backend", n.io_backend.clone()),
+        (
+            "NBD address",
+            if n.nbd_address.is_empty() {
+                "-".into()
+            } else {
+                n.nbd_address.clone()
+            },
+        ),
         ("Capacity", format_size(n.capacity_bytes)),
         (
             "Used",
@@ -112,6 +120,7 @@ mod tests {
                 capacity_bytes: 1 << 40,
                 used_bytes: 1 << 38,
             }],
+            nbd_address: "127.0.0.1:10809".into(),
         };
         let text = info_text(&n);
         assert!(

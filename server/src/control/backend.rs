@@ -186,4 +186,6 @@ pub struct NodeView {
     pub disks: Vec<DiskView>,
     pub checksum_errors: u64,
     pub version: String,
+    /// The NBD listen address (`HOST:PORT`), empty when there is none.
+    pub nbd_address: String,
 }

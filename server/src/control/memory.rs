@@ -238,6 +238,8 @@ impl ControlBackend for MemoryBackend {
             }],
             checksum_errors: 0,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            // The in-memory backend serves no NBD of its own.
+            nbd_address: String::new(),
         })
     }
 }

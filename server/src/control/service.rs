@@ -79,6 +79,7 @@ impl From<NodeView> for pb::NodeInfo {
             disks: n.disks.into_iter().map(Into::into).collect(),
             checksum_errors: n.checksum_errors,
             version: n.version,
+            nbd_address: n.nbd_address,
         }
     }
 }

@@ -1,0 +1,289 @@
+//! The command side of FUSE attachments: start the serving process in the
+//! background and wait for its mount; unmount and wait for it to finish.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::registry::{Record, Registry, STATE_DIR_ENV};
+use super::serve::{umount, ServeRequest};
+use super::AttachError;
+
+/// The hidden subcommand that runs [`super::serve::serve`].
+pub const SERVE_COMMAND: &str = "__fuse-serve";
+/// How long `attach` waits for the mount.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `detach` waits for the final flush and exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The serving process's arguments after the program name.
+pub fn serve_args(req: &ServeRequest) -> Vec<String> {
+    vec![
+        "--api".into(),
+        req.api.clone(),
+        SERVE_COMMAND.into(),
+        "--volume".into(),
+        req.volume.clone(),
+        "--nbd-uri".into(),
+        req.nbd_uri.clone(),
+        "--mountpoint".into(),
+        req.mountpoint.display().to_string(),
+        "--connections".into(),
+        req.connections.to_string(),
+        "--reconnect-timeout".into(),
+        req.reconnect_timeout.as_secs().to_string(),
+    ]
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// Start the serving process in its own session, logging to the state
+/// directory, and wait until it has mounted and recorded the attachment.
+pub async fn start(reg: &Registry, req: &ServeRequest) -> Result<Record, AttachError> {
+    reg.ensure()?;
+    let log_path = reg.log_path(&req.volume);
+    let state = |source| AttachError::State {
+        path: log_path.clone(),
+        source,
+    };
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(state)?;
+    let exe = std::env::current_exe().map_err(AttachError::Io)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(serve_args(req))
+        .env(STATE_DIR_ENV, reg.dir())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(state)?)
+        .stderr(log);
+    // SAFETY: setsid() is async-signal-safe and touches no memory of ours;
+    // it detaches the server from our terminal and process group so it
+    // survives the shell that ran `ballast attach`.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(AttachError::Io)?;
+    let pid = child.id();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(rec) = reg.load(&req.volume)? {
+            if rec.attachment.pid == Some(pid) {
+                return Ok(rec);
+            }
+        }
+        if let Some(status) = child.try_wait().map_err(AttachError::Io)? {
+            return Err(AttachError::ServerFailed {
+                volume: req.volume.clone(),
+                detail: format!("{status}: {}", tail(&log_path, 3)),
+                log: log_path,
+            });
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(AttachError::ServerFailed {
+                volume: req.volume.clone(),
+                detail: format!(
+                    "no mount within {}s: {}",
+                    READY_TIMEOUT.as_secs(),
+                    tail(&log_path, 3)
+                ),
+                log: log_path,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// True when `pid` runs and is a FUSE serving process of ours (a pid may
+/// be reused by an unrelated process after ours died).
+pub fn server_alive(pid: u32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg == SERVE_COMMAND.as_bytes()),
+        Err(_) => false,
+    }
+}
+
+/// True when `dir` is a mount point of a ballast FUSE file system.
+pub fn is_mounted(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = dir.display().to_string();
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        // mountinfo: id parent maj:min root mountpoint ... - fstype source ...
+        let sep = f.iter().position(|x| *x == "-");
+        f.get(4).is_some_and(|m| unescape(m) == want)
+            && sep
+                .and_then(|s| f.get(s + 1))
+                .is_some_and(|t| t.starts_with("fuse"))
+    })
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space ...).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmount a FUSE attachment and wait for its server's final flush.
+pub async fn stop(reg: &Registry, rec: &Record) -> Result<(), AttachError> {
+    let a = &rec.attachment;
+    let dir = Path::new(a.mountpoint.as_deref().unwrap_or(""));
+    let pid = a.pid.filter(|&p| server_alive(p));
+    if pid.is_none() {
+        // The server is gone (crashed or killed): clear what it left.
+        if is_mounted(dir) {
+            lazy_umount(dir);
+        }
+        reg.remove(&a.volume)?;
+        return match &rec.failure {
+            Some(f) => Err(AttachError::FinalFlush {
+                volume: a.volume.clone(),
+                detail: f.clone(),
+            }),
+            None => Err(AttachError::ServerGone {
+                volume: a.volume.clone(),
+                log: rec.log.clone(),
+            }),
+        };
+    }
+    match umount(dir) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(AttachError::Busy {
+                path: a.device.clone(),
+                detail: format!(
+                    "{} is still in use (a loop device — see `losetup -j {}` — or an open file); \
+                     release it, then detach again",
+                    a.device, a.device
+                ),
+            })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            // Not root: the setuid helper may unmount our own FUSE mount.
+            let out = Command::new("fusermount3")
+                .arg("-u")
+                .arg(dir)
+                .output()
+                .map_err(AttachError::Io)?;
+            if !out.status.success() {
+                return Err(AttachError::Busy {
+                    path: dir.display().to_string(),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Not mounted (any more): make the server finish.
+            if let Some(p) = pid {
+                // SAFETY: kill(2) on a pid checked to be our serving process.
+                unsafe { libc::kill(p as i32, libc::SIGTERM) };
+            }
+        }
+        Err(e) => {
+            return Err(AttachError::Busy {
+                path: dir.display().to_string(),
+                detail: format!("unmount failed: {e}"),
+            })
+        }
+    }
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while pid.is_some_and(server_alive) {
+        if Instant::now() > deadline {
+            return Err(AttachError::ServerFailed {
+                volume: a.volume.clone(),
+                detail: format!(
+                    "unmounted, but the server (pid {}) did not finish its final flush within {}s",
+                    pid.unwrap_or(0),
+                    EXIT_TIMEOUT.as_secs()
+                ),
+                log: rec.log.clone().unwrap_or_default(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The server removes its record after a good flush and leaves a failure
+    // note after a bad one.
+    match reg.load(&a.volume)? {
+        Some(r) if r.failure.is_some() => {
+            reg.remove(&a.volume)?;
+            Err(AttachError::FinalFlush {
+                volume: a.volume.clone(),
+                detail: r.failure.unwrap_or_default(),
+            })
+        }
+        Some(_) => {
+            reg.remove(&a.volume)?;
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Detach a (dead) FUSE mount lazily.
+pub fn lazy_umount(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
+        // SAFETY: valid NUL-terminated path; MNT_DETACH only detaches.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_arguments_round_trip_through_the_cli() {
+        let req = ServeRequest {
+            api: "http://127.0.0.1:7800".into(),
+            volume: "v1".into(),
+            nbd_uri: "nbd://127.0.0.1:10809/v1".into(),
+            mountpoint: "/mnt/b".into(),
+            connections: 4,
+            reconnect_timeout: Duration::from_secs(60),
+        };
+        let mut argv = vec!["ballast".to_string()];
+        argv.extend(serve_args(&req));
+        let cli = crate::cli::Cli::try_parse_from_args(&argv).unwrap();
+        assert_eq!(cli.serve_request(), Some(req));
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape(r"/x\04"), r"/x\04");
+    }
+}

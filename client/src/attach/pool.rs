@@ -1,0 +1,532 @@
+//! A set of NBD connections to one export that outlives ballastd restarts.
+//!
+//! Requests are spread round-robin over the connections. When one fails
+//! because its connection broke (closed, reset, protocol garbage, or
+//! `NBD_ESHUTDOWN` from a server that is stopping), the connection is dialled
+//! again under [`ReconnectPolicy`] and the request is sent again on the new
+//! connection. Command errors (EIO, ENOSPC, ...) are returned as they are.
+//!
+//! # Durability across a reconnect
+//!
+//! A write the server acknowledged is durable only after a flush completes
+//! after it. If a connection drops while acknowledged writes are not yet
+//! covered by a flush, the server may have lost them (a crash rather than a
+//! clean stop). Resending is impossible (the data is gone from here too), so
+//! the pool remembers the possible loss and the next [`Pool::flush`] reports
+//! [`PoolError::WritesMayBeLost`] (EIO to `fsync`), once, after flushing what
+//! it can. A flush that succeeds without a loss in between means every write
+//! acknowledged before it is on stable storage. docs/attach.md states the rule.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::dial;
+use super::reconnect::ReconnectPolicy;
+use crate::nbd::{ConnectOptions, NbdClient, NbdErrno, NbdError, NbdUri, TransmissionFlags};
+
+/// How to build a [`Pool`].
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The export.
+    pub uri: NbdUri,
+    /// Connections wanted; only one is opened unless the server offers
+    /// `CAN_MULTI_CONN` (without it, a flush on one connection says nothing
+    /// about writes on another).
+    pub connections: usize,
+    /// Reconnect schedule.
+    pub policy: ReconnectPolicy,
+    /// Negotiation options.
+    pub options: ConnectOptions,
+}
+
+/// Why a pool operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// The server answered the request with an error, or refused it.
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    /// No connection could be made within the reconnect window.
+    #[error(
+        "the NBD server {uri} has been unreachable for {}s (last error: {last}); \
+         the request failed — restart ballastd or check the network",
+        down_for.as_secs()
+    )]
+    Unavailable {
+        /// The export.
+        uri: String,
+        /// How long the connection has been down.
+        down_for: Duration,
+        /// The last dial error.
+        last: String,
+    },
+    /// A connection dropped while writes were acknowledged but not flushed.
+    #[error(
+        "writes acknowledged since the last flush may have been lost: the NBD connection \
+         dropped before a flush covered them (ballastd restarted or crashed); check the data \
+         written since the last successful fsync"
+    )]
+    WritesMayBeLost,
+    /// The export came back with another size.
+    #[error(
+        "the export {uri} came back with {now} bytes instead of {was}; detach and attach again"
+    )]
+    SizeChanged {
+        /// The export.
+        uri: String,
+        /// Size at attach time.
+        was: u64,
+        /// Size after reconnecting.
+        now: u64,
+    },
+    /// [`Pool::close`] was called.
+    #[error("the attachment is shutting down")]
+    Closed,
+}
+
+impl PoolError {
+    /// The errno to give a FUSE caller.
+    pub fn errno(&self) -> i32 {
+        match self {
+            PoolError::Nbd(NbdError::ReadOnly) => libc::EROFS,
+            PoolError::Nbd(e) => match e.errno() {
+                Some(NbdErrno::Eperm) => libc::EPERM,
+                Some(NbdErrno::Enospc) => libc::ENOSPC,
+                Some(NbdErrno::Einval) => libc::EINVAL,
+                Some(NbdErrno::Enomem) => libc::ENOMEM,
+                Some(NbdErrno::Eoverflow) => libc::EOVERFLOW,
+                Some(NbdErrno::Enotsup) => libc::EOPNOTSUPP,
+                _ => libc::EIO,
+            },
+            PoolError::Closed => libc::ESHUTDOWN,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// True when `e` means the connection, not the request, failed: the request
+/// is worth sending again on a new connection.
+pub fn is_connection_error(e: &NbdError) -> bool {
+    matches!(
+        e,
+        NbdError::Disconnected(_)
+            | NbdError::Io(_)
+            | NbdError::Connect { .. }
+            | NbdError::Protocol(_)
+            | NbdError::Handshake(_)
+    ) || e.errno() == Some(NbdErrno::Eshutdown)
+}
+
+/// Write/flush bookkeeping for the EIO rule (see the module docs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    /// Writes acknowledged so far.
+    pub acked: u64,
+    /// `acked` as it was when the latest successful flush started.
+    pub flushed: u64,
+    /// A connection dropped while `acked > flushed`; not yet reported.
+    pub maybe_lost: bool,
+}
+
+impl Durability {
+    /// A write was acknowledged.
+    pub fn write_acked(&mut self) {
+        self.acked += 1;
+    }
+
+    /// A flush is starting; returns the mark to pass to [`Self::flush_done`].
+    pub fn flush_started(&self) -> u64 {
+        self.acked
+    }
+
+    /// The flush that started at `mark` succeeded. `Err` when writes may
+    /// have been lost before or during it (reported once).
+    pub fn flush_done(&mut self, mark: u64) -> Result<(), PoolError> {
+        self.flushed = self.flushed.max(mark);
+        if std::mem::take(&mut self.maybe_lost) {
+            return Err(PoolError::WritesMayBeLost);
+        }
+        Ok(())
+    }
+
+    /// A connection was lost.
+    pub fn connection_lost(&mut self) {
+        if self.acked > self.flushed {
+            self.maybe_lost = true;
+        }
+    }
+
+    /// Acknowledged writes wait for a flush (or a loss waits to be reported).
+    pub fn dirty(&self) -> bool {
+        self.acked > self.flushed || self.maybe_lost
+    }
+}
+
+struct SlotState {
+    /// Bumped on every new connection, so concurrent failures of one
+    /// connection trigger one reconnect.
+    generation: u64,
+    client: Option<NbdClient>,
+    down_since: Option<Instant>,
+    last_error: String,
+}
+
+struct Slot {
+    state: Mutex<SlotState>,
+    /// Held while dialling, so only one task dials for a slot.
+    dialling: tokio::sync::Mutex<()>,
+}
+
+/// Reconnecting NBD connections to one export.
+pub struct Pool {
+    cfg: PoolConfig,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+    durability: Mutex<Durability>,
+    size: u64,
+    flags: TransmissionFlags,
+    max_payload: usize,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("uri", &self.cfg.uri.to_string())
+            .field("connections", &self.slots.len())
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Open the connections. The first dial is not retried: attaching to a
+    /// server that is not there fails at once with the reason.
+    pub async fn connect(cfg: PoolConfig) -> Result<Pool, NbdError> {
+        let first = dial::client(&cfg.uri, &cfg.options).await?;
+        let flags = first.flags();
+        let wanted = cfg.connections.max(1);
+        let n = if flags.can_multi_conn() { wanted } else { 1 };
+        if n < wanted {
+            tracing::info!(
+                wanted,
+                "the server does not offer CAN_MULTI_CONN; using one connection"
+            );
+        }
+        let size = first.size();
+        let max_payload = first.max_payload() as usize;
+        let mut clients = vec![first];
+        for _ in 1..n {
+            clients.push(dial::client(&cfg.uri, &cfg.options).await?);
+        }
+        let slots = clients
+            .into_iter()
+            .map(|c| Slot {
+                state: Mutex::new(SlotState {
+                    generation: 0,
+                    client: Some(c),
+                    down_since: None,
+                    last_error: String::new(),
+                }),
+                dialling: tokio::sync::Mutex::new(()),
+            })
+            .collect();
+        Ok(Pool {
+            cfg,
+            slots,
+            next: AtomicUsize::new(0),
+            durability: Mutex::new(Durability::default()),
+            size,
+            flags,
+            max_payload,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Export size in bytes (fixed for the life of the attachment).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Transmission flags of the first connection.
+    pub fn flags(&self) -> TransmissionFlags {
+        self.flags
+    }
+
+    /// Connections in use.
+    pub fn connections(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Acknowledged writes wait for a flush.
+    pub fn dirty(&self) -> bool {
+        self.dur().dirty()
+    }
+
+    fn dur(&self) -> MutexGuard<'_, Durability> {
+        self.durability.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slot_state(&self, i: usize) -> MutexGuard<'_, SlotState> {
+        self.slots[i]
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A live client of slot `i` and its generation, reconnecting if needed.
+    async fn client(&self, i: usize) -> Result<(u64, NbdClient), PoolError> {
+        loop {
+            let generation = {
+                let st = self.slot_state(i);
+                match &st.client {
+                    Some(c) if c.is_open() => return Ok((st.generation, c.clone())),
+                    _ => st.generation,
+                }
+            };
+            self.recover(i, generation).await?;
+        }
+    }
+
+    /// Replace the connection of slot `i` whose generation `generation` failed.
+    async fn recover(&self, i: usize, generation: u64) -> Result<(), PoolError> {
+        let _dialling = self.slots[i].dialling.lock().await;
+        let since = {
+            let mut st = self.slot_state(i);
+            if st.generation != generation {
+                return Ok(()); // another task already replaced it
+            }
+            if st.client.take().is_some() {
+                // First notice of this loss.
+                self.dur().connection_lost();
+                tracing::warn!(
+                    uri = %self.cfg.uri,
+                    connection = i,
+                    "NBD connection lost; reconnecting"
+                );
+            }
+            *st.down_since.get_or_insert_with(Instant::now)
+        };
+        let mut attempt = 0u32;
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(PoolError::Closed);
+            }
+            match dial::client(&self.cfg.uri, &self.cfg.options).await {
+                Ok(c) if c.size() != self.size => {
+                    let now = c.size();
+                    let _ = c.disconnect().await;
+                    return Err(PoolError::SizeChanged {
+                        uri: self.cfg.uri.to_string(),
+                        was: self.size,
+                        now,
+                    });
+                }
+                Ok(c) => {
+                    let mut st = self.slot_state(i);
+                    st.client = Some(c);
+                    st.generation += 1;
+                    st.down_since = None;
+                    tracing::info!(
+                        uri = %self.cfg.uri,
+                        connection = i,
+                        after_ms = since.elapsed().as_millis() as u64,
+                        "NBD connection re-established"
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    let down_for = since.elapsed();
+                    let last = e.to_string();
+                    self.slot_state(i).last_error = last.clone();
+                    match self.cfg.policy.next(attempt, down_for) {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => {
+                            return Err(PoolError::Unavailable {
+                                uri: self.cfg.uri.to_string(),
+                                down_for,
+                                last,
+                            })
+                        }
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Run `op` on some connection, retrying it on a new connection when the
+    /// connection (not the request) fails.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, PoolError>
+    where
+        F: Fn(NbdClient) -> Fut,
+        Fut: Future<Output = Result<T, NbdError>>,
+    {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(PoolError::Closed);
+            }
+            let (generation, c) = self.client(i).await?;
+            match op(c).await {
+                Ok(v) => return Ok(v),
+                Err(e) if is_connection_error(&e) => {
+                    tracing::debug!(error = %e, connection = i, "request failed with its connection; retrying");
+                    self.recover(i, generation).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Read `len` bytes at `offset` (split to the server's payload limit).
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, PoolError> {
+        if len <= self.max_payload {
+            return self.run(|c| async move { c.read(offset, len).await }).await;
+        }
+        let mut out = BytesMut::with_capacity(len);
+        for (off, n) in chunks(offset, len, self.max_payload) {
+            let part = self.run(|c| async move { c.read(off, n).await }).await?;
+            out.extend_from_slice(&part);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Write `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), PoolError> {
+        for (off, n) in chunks(offset, data.len(), self.max_payload) {
+            let start = (off - offset) as usize;
+            let part = data.slice(start..start + n);
+            self.run(|c| {
+                let part = part.clone();
+                async move { c.write(off, part, false).await }
+            })
+            .await?;
+            self.dur().write_acked();
+        }
+        Ok(())
+    }
+
+    /// NBD FLUSH: every write acknowledged before the call is on stable
+    /// storage when this returns `Ok`. See the module docs for the EIO rule.
+    pub async fn flush(&self) -> Result<(), PoolError> {
+        let mark = self.dur().flush_started();
+        self.run(|c| async move { c.flush().await }).await?;
+        self.dur().flush_done(mark)
+    }
+
+    /// Flush, then disconnect every connection. New requests fail with
+    /// [`PoolError::Closed`].
+    pub async fn close(&self) -> Result<(), PoolError> {
+        let flushed = if self.flags.can_flush() && !self.flags.read_only() {
+            self.flush().await
+        } else {
+            Ok(())
+        };
+        self.closed.store(true, Ordering::Release);
+        for i in 0..self.slots.len() {
+            let c = self.slot_state(i).client.take();
+            if let Some(c) = c {
+                let _ = c.disconnect().await;
+            }
+        }
+        flushed
+    }
+}
+
+/// Split `len` bytes at `offset` into pieces of at most `max` bytes.
+pub fn chunks(offset: u64, len: usize, max: usize) -> impl Iterator<Item = (u64, usize)> {
+    let max = max.max(1);
+    (0..len.div_ceil(max)).map(move |k| {
+        let start = k * max;
+        (offset + start as u64, max.min(len - start))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunking_covers_the_range_exactly() {
+        let v: Vec<_> = chunks(100, 10, 4).collect();
+        assert_eq!(v, [(100, 4), (104, 4), (108, 2)]);
+        assert_eq!(chunks(0, 8, 4).collect::<Vec<_>>(), [(0, 4), (4, 4)]);
+        assert_eq!(chunks(5, 0, 4).count(), 0);
+        assert_eq!(
+            chunks(0, 3, 0).count(),
+            3,
+            "a zero maximum means bytes one by one"
+        );
+    }
+
+    #[test]
+    fn eio_rule_reports_a_possible_loss_once() {
+        let mut d = Durability::default();
+        assert!(!d.dirty());
+        // A loss with nothing unflushed is harmless.
+        d.connection_lost();
+        assert_eq!(
+            d.flush_done(d.flush_started()).map_err(|e| e.to_string()),
+            Ok(())
+        );
+
+        // write, flush, loss: nothing at risk.
+        d.write_acked();
+        assert!(d.dirty());
+        let m = d.flush_started();
+        d.flush_done(m).unwrap();
+        assert!(!d.dirty());
+        d.connection_lost();
+        assert!(d.flush_done(d.flush_started()).is_ok());
+
+        // write, loss, flush: EIO once, then clean again.
+        d.write_acked();
+        d.connection_lost();
+        assert!(d.dirty());
+        let m = d.flush_started();
+        assert!(matches!(d.flush_done(m), Err(PoolError::WritesMayBeLost)));
+        assert!(!d.dirty());
+        assert!(d.flush_done(d.flush_started()).is_ok());
+    }
+
+    #[test]
+    fn a_write_acked_during_a_flush_stays_dirty() {
+        let mut d = Durability::default();
+        d.write_acked();
+        let m = d.flush_started();
+        d.write_acked(); // lands while the flush is in flight
+        d.flush_done(m).unwrap();
+        assert!(d.dirty(), "the second write is not covered by the flush");
+        d.connection_lost();
+        assert!(matches!(
+            d.flush_done(d.flush_started()),
+            Err(PoolError::WritesMayBeLost)
+        ));
+    }
+
+    #[test]
+    fn connection_errors_are_told_from_command_errors() {
+        assert!(is_connection_error(&NbdError::Disconnected("x".into())));
+        assert!(is_connection_error(&NbdError::Io(std::io::Error::other(
+            "reset"
+        ))));
+        let cmd = |errno| NbdError::Command {
+            command: "NBD_CMD_WRITE",
+            errno,
+            offset: 0,
+            length: 1,
+            message: String::new(),
+        };
+        assert!(is_connection_error(&cmd(NbdErrno::Eshutdown)));
+        assert!(!is_connection_error(&cmd(NbdErrno::Enospc)));
+        assert!(!is_connection_error(&NbdError::ReadOnly));
+        assert_eq!(PoolError::from(cmd(NbdErrno::Enospc)).errno(), libc::ENOSPC);
+        assert_eq!(PoolError::from(NbdError::ReadOnly).errno(), libc::EROFS);
+        assert_eq!(PoolError::WritesMayBeLost.errno(), libc::EIO);
+    }
+}
