@@ -11,12 +11,19 @@
 //! A write the server acknowledged is durable only after a flush completes
 //! after it. If a connection drops while acknowledged writes are not yet
 //! covered by a flush, the server may have lost them (a crash rather than a
-//! clean stop). Resending is impossible (the data is gone from here too), so
-//! the pool remembers the possible loss and the next [`Pool::flush`] reports
-//! [`PoolError::WritesMayBeLost`] (EIO to `fsync`), once, after flushing what
-//! it can. A flush that succeeds without a loss in between means every write
-//! acknowledged before it is on stable storage. docs/attach.md states the rule.
+//! clean stop). So the pool keeps the data of acknowledged, unflushed writes
+//! (up to [`REPLAY_LIMIT`] bytes; a successful flush releases them) and,
+//! after a connection loss, writes them again — in acknowledgement order,
+//! with every other request held back — before anything else is sent. A
+//! loop-mounted file system therefore survives a ballastd restart or crash.
+//!
+//! If more than [`REPLAY_LIMIT`] bytes were written since the last flush,
+//! the pool stops keeping them until a flush covers them all; a connection
+//! loss in that state may have lost writes that cannot be resent, and the
+//! next [`Pool::flush`] reports [`PoolError::WritesMayBeLost`] (EIO to
+//! `fsync`), once, after flushing what it can. docs/attach.md states the rule.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -121,21 +128,64 @@ pub fn is_connection_error(e: &NbdError) -> bool {
     ) || e.errno() == Some(NbdErrno::Eshutdown)
 }
 
-/// Write/flush bookkeeping for the EIO rule (see the module docs).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Most bytes of acknowledged, unflushed writes kept for replay.
+pub const REPLAY_LIMIT: usize = 128 << 20;
+
+/// Write/flush bookkeeping: the replay log and the EIO rule (see the module
+/// docs).
+#[derive(Debug, Clone)]
 pub struct Durability {
-    /// Writes acknowledged so far.
+    /// Writes acknowledged so far (each one's sequence number).
     pub acked: u64,
     /// `acked` as it was when the latest successful flush started.
     pub flushed: u64,
-    /// A connection dropped while `acked > flushed`; not yet reported.
+    /// A connection dropped while unflushed writes could not be replayed;
+    /// not yet reported.
     pub maybe_lost: bool,
+    /// The logged writes must be sent again before anything else.
+    pub replay: bool,
+    /// Acknowledged, unflushed writes: (sequence, offset, data).
+    log: VecDeque<(u64, u64, Bytes)>,
+    log_bytes: usize,
+    limit: usize,
+    /// While set, writes are not logged; the last one not logged.
+    unlogged_until: Option<u64>,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::with_limit(REPLAY_LIMIT)
+    }
 }
 
 impl Durability {
-    /// A write was acknowledged.
-    pub fn write_acked(&mut self) {
+    /// Bookkeeping that keeps at most `limit` bytes for replay.
+    pub fn with_limit(limit: usize) -> Durability {
+        Durability {
+            acked: 0,
+            flushed: 0,
+            maybe_lost: false,
+            replay: false,
+            log: VecDeque::new(),
+            log_bytes: 0,
+            limit,
+            unlogged_until: None,
+        }
+    }
+
+    /// A write of `data` at `offset` was acknowledged.
+    pub fn write_acked(&mut self, offset: u64, data: &Bytes) {
         self.acked += 1;
+        if self.unlogged_until.is_none() && self.log_bytes + data.len() <= self.limit {
+            self.log_bytes += data.len();
+            self.log.push_back((self.acked, offset, data.clone()));
+        } else {
+            // Too much unflushed data to keep: drop the log until a flush
+            // covers every write not in it.
+            self.log.clear();
+            self.log_bytes = 0;
+            self.unlogged_until = Some(self.acked);
+        }
     }
 
     /// A flush is starting; returns the mark to pass to [`Self::flush_done`].
@@ -147,17 +197,36 @@ impl Durability {
     /// have been lost before or during it (reported once).
     pub fn flush_done(&mut self, mark: u64) -> Result<(), PoolError> {
         self.flushed = self.flushed.max(mark);
+        while self.log.front().is_some_and(|(seq, _, _)| *seq <= mark) {
+            if let Some((_, _, d)) = self.log.pop_front() {
+                self.log_bytes -= d.len();
+            }
+        }
+        if self.unlogged_until.is_some_and(|u| u <= mark) {
+            self.unlogged_until = None;
+        }
         if std::mem::take(&mut self.maybe_lost) {
             return Err(PoolError::WritesMayBeLost);
         }
         Ok(())
     }
 
-    /// A connection was lost.
+    /// A connection was lost: unflushed writes must be replayed, or, when
+    /// they were not all kept, may be lost.
     pub fn connection_lost(&mut self) {
         if self.acked > self.flushed {
-            self.maybe_lost = true;
+            if self.unlogged_until.is_some() {
+                self.maybe_lost = true;
+            }
+            if !self.log.is_empty() {
+                self.replay = true;
+            }
         }
+    }
+
+    /// The writes to send again, oldest first.
+    pub fn replay_log(&self) -> Vec<(u64, Bytes)> {
+        self.log.iter().map(|(_, o, d)| (*o, d.clone())).collect()
     }
 
     /// Acknowledged writes wait for a flush (or a loss waits to be reported).
@@ -191,6 +260,9 @@ pub struct Pool {
     flags: TransmissionFlags,
     max_payload: usize,
     closed: AtomicBool,
+    /// Requests hold it shared while on the wire; a replay holds it
+    /// exclusively, so no newer write can land before an older replayed one.
+    gate: tokio::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -244,6 +316,7 @@ impl Pool {
             flags,
             max_payload,
             closed: AtomicBool::new(false),
+            gate: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -359,9 +432,49 @@ impl Pool {
         }
     }
 
+    /// Send the logged unflushed writes again, with every other request
+    /// held back, when a connection loss asked for it.
+    async fn replay_if_needed(&self) -> Result<(), PoolError> {
+        if !self.dur().replay {
+            return Ok(());
+        }
+        let _exclusive = self.gate.write().await;
+        'again: loop {
+            let entries = {
+                let d = self.dur();
+                if !d.replay {
+                    return Ok(());
+                }
+                d.replay_log()
+            };
+            for (offset, data) in &entries {
+                if self.closed.load(Ordering::Acquire) {
+                    return Err(PoolError::Closed);
+                }
+                let (generation, c) = self.client(0).await?;
+                match c.write(*offset, data.clone(), false).await {
+                    Ok(()) => {}
+                    Err(e) if is_connection_error(&e) => {
+                        self.recover(0, generation).await?;
+                        continue 'again;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.dur().replay = false;
+            tracing::info!(
+                writes = entries.len(),
+                bytes = entries.iter().map(|(_, d)| d.len()).sum::<usize>(),
+                "replayed the writes not yet flushed when the connection was lost"
+            );
+            return Ok(());
+        }
+    }
+
     /// Run `op` on some connection, retrying it on a new connection when the
-    /// connection (not the request) fails.
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, PoolError>
+    /// connection (not the request) fails; `done` runs on success while the
+    /// request still holds off replays.
+    async fn run<T, F, Fut>(&self, op: F, done: impl FnOnce(&T)) -> Result<T, PoolError>
     where
         F: Fn(NbdClient) -> Fut,
         Fut: Future<Output = Result<T, NbdError>>,
@@ -372,9 +485,15 @@ impl Pool {
                 return Err(PoolError::Closed);
             }
             let (generation, c) = self.client(i).await?;
+            self.replay_if_needed().await?;
+            let shared = self.gate.read().await;
             match op(c).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    done(&v);
+                    return Ok(v);
+                }
                 Err(e) if is_connection_error(&e) => {
+                    drop(shared);
                     tracing::debug!(error = %e, connection = i, "request failed with its connection; retrying");
                     self.recover(i, generation).await?;
                 }
@@ -386,11 +505,15 @@ impl Pool {
     /// Read `len` bytes at `offset` (split to the server's payload limit).
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, PoolError> {
         if len <= self.max_payload {
-            return self.run(|c| async move { c.read(offset, len).await }).await;
+            return self
+                .run(|c| async move { c.read(offset, len).await }, |_| {})
+                .await;
         }
         let mut out = BytesMut::with_capacity(len);
         for (off, n) in chunks(offset, len, self.max_payload) {
-            let part = self.run(|c| async move { c.read(off, n).await }).await?;
+            let part = self
+                .run(|c| async move { c.read(off, n).await }, |_| {})
+                .await?;
             out.extend_from_slice(&part);
         }
         Ok(out.freeze())
@@ -401,12 +524,14 @@ impl Pool {
         for (off, n) in chunks(offset, data.len(), self.max_payload) {
             let start = (off - offset) as usize;
             let part = data.slice(start..start + n);
-            self.run(|c| {
-                let part = part.clone();
-                async move { c.write(off, part, false).await }
-            })
+            self.run(
+                |c| {
+                    let part = part.clone();
+                    async move { c.write(off, part, false).await }
+                },
+                |_| self.dur().write_acked(off, &part),
+            )
             .await?;
-            self.dur().write_acked();
         }
         Ok(())
     }
@@ -415,7 +540,7 @@ impl Pool {
     /// storage when this returns `Ok`. See the module docs for the EIO rule.
     pub async fn flush(&self) -> Result<(), PoolError> {
         let mark = self.dur().flush_started();
-        self.run(|c| async move { c.flush().await }).await?;
+        self.run(|c| async move { c.flush().await }, |_| {}).await?;
         self.dur().flush_done(mark)
     }
 
@@ -464,49 +589,80 @@ mod tests {
         );
     }
 
-    #[test]
-    fn eio_rule_reports_a_possible_loss_once() {
-        let mut d = Durability::default();
-        assert!(!d.dirty());
-        // A loss with nothing unflushed is harmless.
-        d.connection_lost();
-        assert_eq!(
-            d.flush_done(d.flush_started()).map_err(|e| e.to_string()),
-            Ok(())
-        );
+    fn data(n: usize) -> Bytes {
+        Bytes::from(vec![7u8; n])
+    }
 
-        // write, flush, loss: nothing at risk.
-        d.write_acked();
-        assert!(d.dirty());
-        let m = d.flush_started();
-        d.flush_done(m).unwrap();
+    #[test]
+    fn unflushed_writes_are_replayed_after_a_loss() {
+        let mut d = Durability::with_limit(1000);
         assert!(!d.dirty());
+        // A loss with nothing unflushed needs nothing.
         d.connection_lost();
+        assert!(!d.replay);
         assert!(d.flush_done(d.flush_started()).is_ok());
 
-        // write, loss, flush: EIO once, then clean again.
-        d.write_acked();
-        d.connection_lost();
-        assert!(d.dirty());
+        d.write_acked(0, &data(100));
         let m = d.flush_started();
-        assert!(matches!(d.flush_done(m), Err(PoolError::WritesMayBeLost)));
-        assert!(!d.dirty());
+        d.flush_done(m).unwrap();
+        assert!(
+            !d.dirty() && d.replay_log().is_empty(),
+            "a flush releases the log"
+        );
+
+        d.write_acked(4096, &data(10));
+        d.write_acked(0, &data(20));
+        d.connection_lost();
+        assert!(d.replay, "unflushed writes must be sent again");
+        let log = d.replay_log();
+        assert_eq!(
+            log.iter().map(|(o, b)| (*o, b.len())).collect::<Vec<_>>(),
+            [(4096, 10), (0, 20)],
+            "in acknowledgement order"
+        );
+        // Replayed writes need no EIO: nothing was lost.
+        d.replay = false;
         assert!(d.flush_done(d.flush_started()).is_ok());
     }
 
     #[test]
-    fn a_write_acked_during_a_flush_stays_dirty() {
-        let mut d = Durability::default();
-        d.write_acked();
+    fn eio_rule_when_the_log_overflowed() {
+        let mut d = Durability::with_limit(100);
+        d.write_acked(0, &data(60));
+        d.write_acked(0, &data(60)); // over the limit: the log is dropped
+        assert!(d.replay_log().is_empty());
+        d.connection_lost();
+        assert!(d.maybe_lost && !d.replay);
         let m = d.flush_started();
-        d.write_acked(); // lands while the flush is in flight
+        assert!(matches!(d.flush_done(m), Err(PoolError::WritesMayBeLost)));
+        // Reported once; the flush covered every unlogged write, so the log
+        // works again.
+        assert!(d.flush_done(d.flush_started()).is_ok());
+        d.write_acked(0, &data(10));
+        assert_eq!(d.replay_log().len(), 1);
+    }
+
+    #[test]
+    fn a_write_acked_during_a_flush_stays_logged() {
+        let mut d = Durability::with_limit(1000);
+        d.write_acked(0, &data(1));
+        let m = d.flush_started();
+        d.write_acked(8, &data(2)); // lands while the flush is in flight
         d.flush_done(m).unwrap();
         assert!(d.dirty(), "the second write is not covered by the flush");
+        assert_eq!(d.replay_log().len(), 1);
+        assert_eq!(d.replay_log()[0].0, 8);
+    }
+
+    #[test]
+    fn overflow_lasts_until_a_flush_covers_every_unlogged_write() {
+        let mut d = Durability::with_limit(10);
+        d.write_acked(0, &data(20)); // unlogged (seq 1)
+        let m = d.flush_started();
+        d.write_acked(0, &data(1)); // seq 2, during the flush: still unlogged
+        d.flush_done(m).unwrap();
         d.connection_lost();
-        assert!(matches!(
-            d.flush_done(d.flush_started()),
-            Err(PoolError::WritesMayBeLost)
-        ));
+        assert!(d.maybe_lost, "seq 2 was neither flushed nor kept");
     }
 
     #[test]
