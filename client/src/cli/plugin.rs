@@ -86,6 +86,7 @@ async fn docker(api: &str, a: DockerArgs) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let ballast_bin = std::env::current_exe()
         .context("cannot find the running ballast binary (needed for `ballast attach`)")?;

@@ -67,10 +67,7 @@ async fn create_refuses_bad_options_before_touching_anything() {
     let env = Env::new();
     let d = env.driver().await;
     for (o, want) in [
-        (
-            vec![("size", "lots")],
-            "invalid value \"lots\" for option size",
-        ),
+        (vec![("size", "lots")], "option size: invalid size \"lots\""),
         (vec![("color", "blue")], "unknown option \"color\""),
         (vec![("fs", "btrfs")], "pass ext4 or xfs"),
         (

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::control::ControlPlane;
 use super::driver::{Driver, DriverError};
@@ -60,6 +60,11 @@ macro_rules! parse_or_400 {
 fn outcome<T>(verb: &str, name: &str, r: Result<T, DriverError>) -> (Option<T>, String) {
     match r {
         Ok(v) => (Some(v), String::new()),
+        // Docker asks Get for names it is about to create: not an incident.
+        Err(e @ DriverError::NotFound { .. }) => {
+            debug!(verb, volume = name, error = %e, "no such volume");
+            (None, e.to_string())
+        }
         Err(e) => {
             warn!(verb, volume = name, error = %e, "request failed");
             (None, e.to_string())

@@ -87,7 +87,7 @@ async fn docker_conversation_through_the_router() {
     assert!(v["Err"]
         .as_str()
         .unwrap()
-        .starts_with("invalid value \"1X\" for option size"));
+        .starts_with("option size: invalid size \"1X\""));
 
     let (_, _, v) = call(&app, "/VolumeDriver.Mount", r#"{"Name":"v1","ID":"c1"}"#).await;
     let mp = dir.path().join("mounts/v1").display().to_string();

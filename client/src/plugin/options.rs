@@ -13,7 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{CreateVolumeSpec, Volume};
-use crate::cli::size::{parse_block_size, parse_nonzero_size};
+use crate::cli::size::{parse_block_size, parse_nonzero_size, SizeError};
 
 /// The options `-o` accepts, in the order the help text lists them.
 pub const KNOWN: [&str; 6] = [
@@ -95,6 +95,9 @@ pub enum OptionError {
          replicas and fs (e.g. -o size=10G -o fs=ext4)"
     )]
     Unknown { key: String },
+    /// The size parser's message names the value and what to pass.
+    #[error("option size: {0}")]
+    Size(SizeError),
     #[error("invalid value {value:?} for option {key}: pass {expected}")]
     Invalid {
         key: &'static str,
@@ -151,9 +154,7 @@ impl VolumeOptions {
             let v = value.trim();
             match key.as_str() {
                 "size" => {
-                    let size = parse_nonzero_size(v).map_err(|e| {
-                        invalid("size", value, format!("a size such as 1G or 512M ({e})"))
-                    })?;
+                    let size = parse_nonzero_size(v).map_err(OptionError::Size)?;
                     o.size_bytes = Some(size);
                 }
                 "block-size" => {
@@ -324,11 +325,14 @@ mod tests {
     fn bad_values_say_what_to_pass() {
         let e = parse(&[("size", "12Q")]).unwrap_err();
         assert!(
-            e.starts_with("invalid value \"12Q\" for option size: pass a size such as 1G"),
+            e.starts_with("option size: invalid size \"12Q\": unknown unit \"Q\"; pass bytes"),
             "{e}"
         );
         let e = parse(&[("size", "0")]).unwrap_err();
-        assert!(e.contains("for option size"), "{e}");
+        assert!(
+            e.starts_with("option size: size must be greater than 0; pass"),
+            "{e}"
+        );
         let e = parse(&[("fs", "btrfs")]).unwrap_err();
         assert_eq!(e, "invalid value \"btrfs\" for option fs: pass ext4 or xfs");
         let e = parse(&[("dedup", "yes")]).unwrap_err();
