@@ -79,6 +79,19 @@ fn absolute(p: PathBuf, flag: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{flag} {}: cannot make the path absolute", p.display()))
 }
 
+/// Create `p` and resolve symlinks: the kernel reports mountpoints by their
+/// real path, and the plugin finds its mounts by comparing paths.
+fn real_dir(p: PathBuf, flag: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(&p)
+        .and_then(|_| p.canonicalize())
+        .with_context(|| {
+            format!(
+                "{flag} {}: cannot create the directory (the plugin runs as root)",
+                p.display()
+            )
+        })
+}
+
 async fn docker(api: &str, a: DockerArgs) -> anyhow::Result<()> {
     // Logs go to stderr (journald under systemd); RUST_LOG overrides.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -92,9 +105,9 @@ async fn docker(api: &str, a: DockerArgs) -> anyhow::Result<()> {
         .context("cannot find the running ballast binary (needed for `ballast attach`)")?;
     let cfg = PluginConfig {
         socket: absolute(a.socket, "--socket")?,
-        mount_root: absolute(a.mount_root, "--mount-root")?,
-        attach_root: absolute(a.attach_root, "--attach-root")?,
-        state_dir: absolute(a.state_dir, "--state-dir")?,
+        mount_root: real_dir(a.mount_root, "--mount-root")?,
+        attach_root: real_dir(a.attach_root, "--attach-root")?,
+        state_dir: real_dir(a.state_dir, "--state-dir")?,
         api: crate::api::normalize_url(api),
         default_size: a.default_size,
         attach_mode: a.attach,

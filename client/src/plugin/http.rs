@@ -114,6 +114,7 @@ async fn unmount<C: ControlPlane, H: Host>(State(d): Shared<C, H>, body: Bytes) 
 
 async fn path<C: ControlPlane, H: Host>(State(d): Shared<C, H>, body: Bytes) -> Response {
     let req: NameRequest = parse_or_400!("VolumeDriver.Path", body);
+    debug!(volume = %req.name, "Path");
     let (mp, err) = outcome("Path", &req.name, d.path(&req.name).await);
     ok(&MountpointResponse {
         mountpoint: path_string(mp),
@@ -123,11 +124,13 @@ async fn path<C: ControlPlane, H: Host>(State(d): Shared<C, H>, body: Bytes) -> 
 
 async fn get<C: ControlPlane, H: Host>(State(d): Shared<C, H>, body: Bytes) -> Response {
     let req: NameRequest = parse_or_400!("VolumeDriver.Get", body);
+    debug!(volume = %req.name, "Get");
     let (volume, err) = outcome("Get", &req.name, d.get(&req.name).await);
     ok(&GetResponse { volume, err })
 }
 
 async fn list<C: ControlPlane, H: Host>(State(d): Shared<C, H>) -> Response {
+    debug!("List");
     let (volumes, err) = outcome("List", "", d.list().await);
     ok(&ListResponse {
         volumes: volumes.unwrap_or_default(),
@@ -136,6 +139,7 @@ async fn list<C: ControlPlane, H: Host>(State(d): Shared<C, H>) -> Response {
 }
 
 async fn capabilities<C: ControlPlane, H: Host>(State(d): Shared<C, H>) -> Response {
+    debug!("Capabilities");
     ok(&CapabilitiesResponse {
         capabilities: Capabilities {
             scope: d.scope().to_string(),
