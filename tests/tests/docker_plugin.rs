@@ -544,6 +544,24 @@ fn docker_volume_lifecycle() {
         plugin.leftovers()
     );
 
+    // fs=xfs: the container sees an xfs filesystem.
+    require("mkfs.xfs", "xfsprogs");
+    let out = plugin.volume_create("xfsvol", &["size=1G", "fs=xfs"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(plugin.inspect("xfsvol")["Status"]["fs"], "xfs");
+    let got = plugin.run_ok(
+        &image,
+        "xfsvol",
+        &[],
+        "echo x > /data/x && sync && while read dev mp fs rest; do            if [ \"$mp\" = /data ]; then echo $fs; fi; done < /proc/mounts",
+    );
+    assert_eq!(String::from_utf8_lossy(&got).trim(), "xfs");
+    docker_ok(&["volume", "rm", "xfsvol"]);
+
     // rm deletes the Ballast volume.
     docker_ok(&["volume", "rm", "lifevol"]);
     assert!(

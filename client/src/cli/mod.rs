@@ -236,6 +236,38 @@ mod tests {
     }
 
     #[test]
+    fn parses_plugin_docker() {
+        let cli = Cli::try_parse_from([
+            "ballast",
+            "plugin",
+            "docker",
+            "--socket",
+            "/run/docker/plugins/b2.sock",
+            "--default-size",
+            "1G",
+            "--attach",
+            "fuse",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Plugin(plugin::PluginCommand::Docker(a)) => {
+                assert_eq!(
+                    a.socket,
+                    std::path::Path::new("/run/docker/plugins/b2.sock")
+                );
+                assert_eq!(a.default_size, 1 << 30);
+                assert_eq!(a.attach, crate::plugin::host::AttachMode::Fuse);
+                assert_eq!(
+                    a.mount_root,
+                    std::path::Path::new("/var/lib/ballast/mounts")
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["ballast", "plugin", "docker", "--attach", "magic"]).is_err());
+    }
+
+    #[test]
     fn rejects_bad_size_and_zero_replicas() {
         let e =
             Cli::try_parse_from(["ballast", "volume", "create", "v", "--size", "12Q"]).unwrap_err();
