@@ -77,6 +77,12 @@ pub enum DriverError {
         /// Empty, or "; undoing the earlier steps also failed: ...".
         rollback: String,
     },
+    /// The host could not be inspected at start.
+    #[error("cannot inspect this host at start ({what}): {source}")]
+    Observe {
+        what: &'static str,
+        source: Box<HostError>,
+    },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -145,9 +151,10 @@ impl<C: ControlPlane, H: Host> Driver<C, H> {
         store: StateStore,
     ) -> Result<Self, DriverError> {
         let mut st = store.load()?;
-        let mounts = host
-            .mounts()
-            .map_err(host_err("reading the mount table", "*"))?;
+        let mounts = host.mounts().map_err(|e| DriverError::Observe {
+            what: "the mount table",
+            source: Box::new(e),
+        })?;
         let attachments = match host.attachments().await {
             Ok(a) => Some(a),
             Err(e) => {
