@@ -19,7 +19,7 @@ Volume options (docker volume create --driver ballast -o KEY=VALUE NAME), checke
                      nothing until written
   block-size=SIZE    a power of two from 512 to 64K [default: 4K]
   dedup=on|off       deduplicate identical blocks [default: on]
-  compression=lz4|none                         [default: lz4]
+  compression=MODE   lz4 or none [default: lz4]
   replicas=N         copies of the data [default: 1]; a standalone node holds 1
   fs=ext4|xfs        filesystem made on first mount [default: ext4]
 

@@ -569,3 +569,30 @@ fn names_are_checked() {
         assert!(validate_name(bad).is_err(), "{bad:?}");
     }
 }
+
+#[tokio::test]
+async fn a_volume_holding_another_filesystem_is_mounted_as_what_it_holds() {
+    let env = Env::new();
+    env.control.insert(volume("old", 1 << 30));
+    env.host
+        .m
+        .lock()
+        .unwrap()
+        .filesystems
+        .insert("old".into(), "xfs".into());
+    let d = env.driver().await;
+    d.create("old", &opts(&[])).await.unwrap();
+    let mp = d.mount("old", "c1").await.unwrap();
+    assert_eq!(
+        env.host.count("mkfs"),
+        0,
+        "never format a device with a signature"
+    );
+    assert!(
+        env.host
+            .log()
+            .contains(&format!("mount /dev/loop0 {} xfs", mp.display())),
+        "{:?}",
+        env.host.log()
+    );
+}
