@@ -56,6 +56,51 @@ pub fn write_span(size: u64, offset: u64, len: usize) -> Result<usize, i32> {
     Ok((size - offset).min(len as u64) as usize)
 }
 
+/// What an `fallocate(mode, offset, length)` on the volume file does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallocateOp {
+    /// Allocate inside the file: nothing to do.
+    Nothing,
+    /// Punch a hole of this many bytes (NBD TRIM).
+    Discard(u64),
+    /// Zero this many bytes (NBD WRITE_ZEROES).
+    Zero(u64),
+}
+
+/// Decide an `fallocate` on a file of `size` bytes: only `KEEP_SIZE`,
+/// `PUNCH_HOLE` (with `KEEP_SIZE`, as Linux requires) and `ZERO_RANGE` are
+/// known; ranges are clipped to the file, which never grows.
+pub fn fallocate_op(mode: i32, size: u64, offset: u64, length: u64) -> Result<FallocateOp, i32> {
+    let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+    if mode & !known != 0 {
+        return Err(libc::EOPNOTSUPP);
+    }
+    let end = offset.checked_add(length).ok_or(libc::EFBIG)?;
+    let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+    let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+    let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+    if punch && (zero || !keep) {
+        return Err(libc::EINVAL);
+    }
+    if !punch && !zero {
+        // Plain allocation: fine inside the file, growing is impossible.
+        return if end <= size || keep {
+            Ok(FallocateOp::Nothing)
+        } else {
+            Err(libc::EFBIG)
+        };
+    }
+    let len = end.min(size).saturating_sub(offset);
+    if len == 0 {
+        return Ok(FallocateOp::Nothing);
+    }
+    Ok(if punch {
+        FallocateOp::Discard(len)
+    } else {
+        FallocateOp::Zero(len)
+    })
+}
+
 /// The filesystem.
 pub struct VolumeFs {
     name: OsString,
@@ -322,6 +367,57 @@ impl Filesystem for VolumeFs {
         });
     }
 
+    /// Loop devices turn discard into `PUNCH_HOLE` and write-zeroes into
+    /// `ZERO_RANGE`: both become NBD TRIM / WRITE_ZEROES, so `fstrim` on a
+    /// file system above frees space in ballastd. Plain allocation is a
+    /// no-op (the volume has its size already); growing is refused.
+    #[allow(clippy::too_many_arguments)]
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if ino != FILE_INO {
+            reply.error(Errno::EISDIR);
+            return;
+        }
+        let size = self.pool.size();
+        let op = match fallocate_op(mode, size, offset, length) {
+            Ok(op) => op,
+            Err(e) => {
+                reply.error(errno(e));
+                return;
+            }
+        };
+        let (discard, len) = match op {
+            FallocateOp::Nothing => {
+                reply.ok();
+                return;
+            }
+            _ if self.read_only => {
+                reply.error(Errno::EROFS);
+                return;
+            }
+            FallocateOp::Discard(len) => (true, len),
+            FallocateOp::Zero(len) => (false, len),
+        };
+        let pool = self.pool.clone();
+        self.rt.spawn(async move {
+            match pool.zero(offset, len, discard).await {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    tracing::warn!(offset, len, discard, error = %e, "fallocate failed");
+                    reply.error(errno(e.errno()));
+                }
+            }
+        });
+    }
+
     fn readdir(
         &self,
         _req: &Request,
@@ -368,6 +464,41 @@ mod tests {
             read_span(u64::MAX, u64::MAX - 1, 10),
             Some((u64::MAX - 1, 1))
         );
+    }
+
+    #[test]
+    fn fallocate_modes() {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | keep;
+        let zero = libc::FALLOC_FL_ZERO_RANGE;
+        assert_eq!(fallocate_op(0, 8192, 0, 4096), Ok(FallocateOp::Nothing));
+        assert_eq!(fallocate_op(0, 8192, 4096, 8192), Err(libc::EFBIG));
+        assert_eq!(
+            fallocate_op(keep, 8192, 4096, 8192),
+            Ok(FallocateOp::Nothing)
+        );
+        assert_eq!(
+            fallocate_op(punch, 8192, 4096, 4096),
+            Ok(FallocateOp::Discard(4096))
+        );
+        assert_eq!(
+            fallocate_op(punch, 8192, 4096, 1 << 20),
+            Ok(FallocateOp::Discard(4096))
+        );
+        assert_eq!(fallocate_op(zero, 8192, 0, 100), Ok(FallocateOp::Zero(100)));
+        assert_eq!(
+            fallocate_op(zero, 8192, 9000, 100),
+            Ok(FallocateOp::Nothing)
+        );
+        assert_eq!(
+            fallocate_op(libc::FALLOC_FL_PUNCH_HOLE, 8192, 0, 1),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            fallocate_op(libc::FALLOC_FL_COLLAPSE_RANGE, 8192, 0, 1),
+            Err(libc::EOPNOTSUPP)
+        );
+        assert_eq!(fallocate_op(zero, 8192, u64::MAX, 2), Err(libc::EFBIG));
     }
 
     #[test]

@@ -128,6 +128,26 @@ pub fn is_connection_error(e: &NbdError) -> bool {
     ) || e.errno() == Some(NbdErrno::Eshutdown)
 }
 
+/// One acknowledged change to replay: data, or a range that reads as zeros
+/// (a trim is replayed as zeroing, which it may always be).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Bytes written.
+    Data(Bytes),
+    /// Length of a zeroed or trimmed range.
+    Zero(u64),
+}
+
+impl Change {
+    /// Bytes of memory the log spends on it.
+    fn cost(&self) -> usize {
+        match self {
+            Change::Data(d) => d.len(),
+            Change::Zero(_) => 64,
+        }
+    }
+}
+
 /// Most bytes of acknowledged, unflushed writes kept for replay.
 pub const REPLAY_LIMIT: usize = 128 << 20;
 
@@ -144,8 +164,8 @@ pub struct Durability {
     pub maybe_lost: bool,
     /// The logged writes must be sent again before anything else.
     pub replay: bool,
-    /// Acknowledged, unflushed writes: (sequence, offset, data).
-    log: VecDeque<(u64, u64, Bytes)>,
+    /// Acknowledged, unflushed writes: (sequence, offset, change).
+    log: VecDeque<(u64, u64, Change)>,
     log_bytes: usize,
     limit: usize,
     /// While set, writes are not logged; the last one not logged.
@@ -175,10 +195,16 @@ impl Durability {
 
     /// A write of `data` at `offset` was acknowledged.
     pub fn write_acked(&mut self, offset: u64, data: &Bytes) {
+        self.change_acked(offset, Change::Data(data.clone()));
+    }
+
+    /// A change at `offset` was acknowledged.
+    pub fn change_acked(&mut self, offset: u64, change: Change) {
         self.acked += 1;
-        if self.unlogged_until.is_none() && self.log_bytes + data.len() <= self.limit {
-            self.log_bytes += data.len();
-            self.log.push_back((self.acked, offset, data.clone()));
+        let cost = change.cost();
+        if self.unlogged_until.is_none() && self.log_bytes + cost <= self.limit {
+            self.log_bytes += cost;
+            self.log.push_back((self.acked, offset, change));
         } else {
             // Too much unflushed data to keep: drop the log until a flush
             // covers every write not in it.
@@ -198,8 +224,8 @@ impl Durability {
     pub fn flush_done(&mut self, mark: u64) -> Result<(), PoolError> {
         self.flushed = self.flushed.max(mark);
         while self.log.front().is_some_and(|(seq, _, _)| *seq <= mark) {
-            if let Some((_, _, d)) = self.log.pop_front() {
-                self.log_bytes -= d.len();
+            if let Some((_, _, c)) = self.log.pop_front() {
+                self.log_bytes -= c.cost();
             }
         }
         if self.unlogged_until.is_some_and(|u| u <= mark) {
@@ -224,9 +250,9 @@ impl Durability {
         }
     }
 
-    /// The writes to send again, oldest first.
-    pub fn replay_log(&self) -> Vec<(u64, Bytes)> {
-        self.log.iter().map(|(_, o, d)| (*o, d.clone())).collect()
+    /// The changes to send again, oldest first.
+    pub fn replay_log(&self) -> Vec<(u64, Change)> {
+        self.log.iter().map(|(_, o, c)| (*o, c.clone())).collect()
     }
 
     /// Acknowledged writes wait for a flush (or a loss waits to be reported).
@@ -447,12 +473,16 @@ impl Pool {
                 }
                 d.replay_log()
             };
-            for (offset, data) in &entries {
+            for (offset, change) in &entries {
                 if self.closed.load(Ordering::Acquire) {
                     return Err(PoolError::Closed);
                 }
                 let (generation, c) = self.client(0).await?;
-                match c.write(*offset, data.clone(), false).await {
+                let sent = match change {
+                    Change::Data(d) => c.write(*offset, d.clone(), false).await,
+                    Change::Zero(len) => c.write_zeroes(*offset, *len, false).await,
+                };
+                match sent {
                     Ok(()) => {}
                     Err(e) if is_connection_error(&e) => {
                         self.recover(0, generation).await?;
@@ -464,7 +494,7 @@ impl Pool {
             self.dur().replay = false;
             tracing::info!(
                 writes = entries.len(),
-                bytes = entries.iter().map(|(_, d)| d.len()).sum::<usize>(),
+                bytes = entries.iter().map(|(_, c)| c.cost()).sum::<usize>(),
                 "replayed the writes not yet flushed when the connection was lost"
             );
             return Ok(());
@@ -530,6 +560,32 @@ impl Pool {
                     async move { c.write(off, part, false).await }
                 },
                 |_| self.dur().write_acked(off, &part),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Make `len` bytes at `offset` read as zeros: NBD TRIM when `discard`
+    /// and the server can trim (ballastd's trim unmaps, which reads as
+    /// zeros), else NBD WRITE_ZEROES.
+    pub async fn zero(&self, offset: u64, len: u64, discard: bool) -> Result<(), PoolError> {
+        let trim = discard && self.flags.can_trim();
+        if !trim && !self.flags.can_write_zeroes() {
+            return Err(NbdError::Unsupported("NBD_CMD_WRITE_ZEROES").into());
+        }
+        // Lengths are u32 on the wire; 1 GiB pieces stay block aligned.
+        for (off, n) in chunks(offset, len as usize, 1 << 30) {
+            let n = n as u64;
+            self.run(
+                |c| async move {
+                    if trim {
+                        c.trim(off, n).await
+                    } else {
+                        c.write_zeroes(off, n, false).await
+                    }
+                },
+                |_| self.dur().change_acked(off, Change::Zero(n)),
             )
             .await?;
         }
@@ -614,11 +670,16 @@ mod tests {
         d.write_acked(0, &data(20));
         d.connection_lost();
         assert!(d.replay, "unflushed writes must be sent again");
+        d.change_acked(0, Change::Zero(8));
         let log = d.replay_log();
         assert_eq!(
-            log.iter().map(|(o, b)| (*o, b.len())).collect::<Vec<_>>(),
-            [(4096, 10), (0, 20)],
-            "in acknowledgement order"
+            log,
+            [
+                (4096, Change::Data(data(10))),
+                (0, Change::Data(data(20))),
+                (0, Change::Zero(8))
+            ],
+            "in acknowledgement order, zeroing included"
         );
         // Replayed writes need no EIO: nothing was lost.
         d.replay = false;

@@ -10,7 +10,7 @@ use super::JsonArg;
 use crate::attach::{self, AttachOptions, Attachment, ServeRequest};
 
 pub const ATTACH_ABOUT: &str =
-    "Attach a volume to this host as a block device (kernel nbd) or a file (FUSE).";
+    "Attach a volume to this host as a block device (kernel nbd) or a file (FUSE)";
 
 pub const ATTACH_LONG: &str = "\
 Attach a volume to this host.
