@@ -25,6 +25,13 @@ fn docker_ok(args: &[&str]) -> String {
     run_ok(&mut cmd("docker", args), DOCKER_TIMEOUT)
 }
 
+/// Print a skip notice straight to stderr: `eprintln!` would be captured
+/// by the test harness and hidden in a passing run.
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
+}
+
 /// True when the Docker daemon answers; otherwise prints why the test is
 /// skipped.
 fn docker_available(test: &str) -> bool {
@@ -35,14 +42,20 @@ fn docker_available(test: &str) -> bool {
         .status()
         .is_err()
     {
-        eprintln!("SKIPPED {test}: the docker client is not installed (apt-get install docker.io)");
+        skip(
+            test,
+            "the docker client is not installed (apt-get install docker.io)",
+        );
         return false;
     }
     let out = docker(&["info", "--format", "{{.ServerVersion}}"]);
     if !out.status.success() {
-        eprintln!(
-            "SKIPPED {test}: the Docker daemon is not reachable (`docker info` failed: {})",
-            String::from_utf8_lossy(&out.stderr).trim()
+        skip(
+            test,
+            &format!(
+                "the Docker daemon is not reachable (`docker info` failed: {})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         );
         return false;
     }
