@@ -10,7 +10,7 @@
 //! next Mount) cleans up instead of a leaked attachment.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use serde_json::json;
@@ -204,11 +204,6 @@ impl<C: ControlPlane, H: Host> Driver<C, H> {
             state: tokio::sync::Mutex::new(st),
             locks: StdMutex::new(HashMap::new()),
         })
-    }
-
-    /// The host this driver runs on.
-    pub fn host(&self) -> &H {
-        &self.host
     }
 
     /// A copy of the current state.
@@ -696,11 +691,6 @@ impl<C: ControlPlane, H: Host> Driver<C, H> {
     /// `/VolumeDriver.Capabilities`.
     pub fn scope(&self) -> &str {
         &self.cfg.scope
-    }
-
-    /// Where volumes are mounted.
-    pub fn mount_root(&self) -> &Path {
-        &self.cfg.mount_root
     }
 }
 
