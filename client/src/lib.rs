@@ -1,5 +1,6 @@
 //! The `ballast` client: CLI commands, typed control-plane client, NBD client,
-//! host attachment (kernel nbd / FUSE) and benchmark harness.
+//! host attachment (kernel nbd / FUSE), Docker volume plugin and benchmark
+//! harness.
 //!
 //! * [`api`]: typed gRPC control-plane client.
 //! * [`attach`]: `ballast attach` / `detach` — kernel nbd over generic
@@ -8,8 +9,11 @@
 //!   `ballast_proto::nbd`, the same one `ballastd`'s server uses
 //!   (re-exported as [`nbd::proto`]).
 //! * [`cli`]: the command line; [`bench`]: load generator and suites.
+//! * [`plugin`]: `ballast plugin docker`, the Docker volume plugin
+//!   (docs/docker.md).
 pub mod api;
 pub mod attach;
 pub mod bench;
 pub mod cli;
 pub mod nbd;
+pub mod plugin;

@@ -6,6 +6,7 @@
 pub mod attach;
 pub mod node;
 pub mod output;
+pub mod plugin;
 pub use ballast_proto::size;
 pub mod volume;
 
@@ -65,6 +66,9 @@ pub enum Command {
     /// The background process of `attach --fuse` (internal).
     #[command(name = "__fuse-serve", hide = true)]
     FuseServe(attach::ServeArgs),
+    /// Serve Ballast volumes to other systems (Docker's volume plugin protocol).
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
 }
 
 impl Cli {
@@ -172,6 +176,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attach(args) => attach::run_attach(&cli.api, args).await,
         Command::Detach(args) => attach::run_detach(args).await,
         Command::FuseServe(args) => Ok(crate::attach::serve::serve(args.request(&cli.api)).await?),
+        Command::Plugin(cmd) => plugin::run(&cli.api, cmd).await,
     }
 }
 
@@ -228,6 +233,38 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn parses_plugin_docker() {
+        let cli = Cli::try_parse_from([
+            "ballast",
+            "plugin",
+            "docker",
+            "--socket",
+            "/run/docker/plugins/b2.sock",
+            "--default-size",
+            "1G",
+            "--attach",
+            "fuse",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Plugin(plugin::PluginCommand::Docker(a)) => {
+                assert_eq!(
+                    a.socket,
+                    std::path::Path::new("/run/docker/plugins/b2.sock")
+                );
+                assert_eq!(a.default_size, 1 << 30);
+                assert_eq!(a.attach, crate::plugin::host::AttachMode::Fuse);
+                assert_eq!(
+                    a.mount_root,
+                    std::path::Path::new("/var/lib/ballast/mounts")
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["ballast", "plugin", "docker", "--attach", "magic"]).is_err());
     }
 
     #[test]

@@ -133,6 +133,22 @@ pub fn format_unix(secs: u64) -> String {
     )
 }
 
+/// Unix seconds as RFC 3339 UTC (`2026-01-02T03:04:05Z`); empty for 0
+/// (unknown).
+pub fn format_rfc3339(secs: u64) -> String {
+    if secs == 0 {
+        return String::new();
+    }
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     // Shift the epoch to 0000-03-01 so leap days fall at the end of a year,
@@ -186,5 +202,11 @@ mod tests {
         assert_eq!(format_unix(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(format_unix(1_700_000_000), "2023-11-14 22:13:20 UTC");
         assert_eq!(format_unix(4_102_444_799), "2099-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(format_rfc3339(0), "");
+        assert_eq!(format_rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
     }
 }
