@@ -44,10 +44,12 @@ pub struct Args {
     /// Data-disk I/O backend: io_uring, a thread pool, or auto (io_uring when the kernel and seccomp allow it).
     #[arg(long, value_enum, default_value_t = IoBackendArg::Auto)]
     pub io_backend: IoBackendArg,
-    /// Memory for caching decoded blocks for reads (K/M/G suffixes; 0 disables). Shared by all volumes;
-    /// deduplicated blocks are cached once.
-    #[arg(long, default_value = "1G", value_name = "SIZE", value_parser = parse_size_arg)]
-    pub read_cache: u64,
+    /// Memory for caching decoded blocks for reads: a size (K/M/G suffixes; 0 disables) or `auto`,
+    /// a quarter of the memory this process may use (RAM, or the cgroup limit when lower), at least
+    /// 256M. Shared by all volumes; deduplicated blocks are cached once. It fills only as blocks are
+    /// read or written.
+    #[arg(long, default_value = "auto", value_name = "SIZE|auto", value_parser = parse_cache_arg)]
+    pub read_cache: ReadCacheArg,
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -66,8 +68,61 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    ballast_proto::size::parse_size(s).map_err(|e| e.to_string())
+/// `--read-cache`: a fixed size, or sized from the memory available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadCacheArg {
+    Auto,
+    Bytes(u64),
+}
+
+fn parse_cache_arg(s: &str) -> Result<ReadCacheArg, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(ReadCacheArg::Auto);
+    }
+    ballast_proto::size::parse_size(s)
+        .map(ReadCacheArg::Bytes)
+        .map_err(|e| format!("{e} (or `auto`)"))
+}
+
+impl ReadCacheArg {
+    /// Bytes for the engine's read cache. Like a page cache, the read cache
+    /// is what keeps warm reads off the disk, so by default it takes a share
+    /// of memory rather than a fixed small size; a quarter leaves room for
+    /// the metadata store, the page cache and the applications of a
+    /// hyper-converged host.
+    pub fn bytes(self) -> u64 {
+        match self {
+            ReadCacheArg::Bytes(b) => b,
+            ReadCacheArg::Auto => auto_read_cache(mem_total(), cgroup_limit()),
+        }
+    }
+}
+
+fn auto_read_cache(mem_total: Option<u64>, cgroup_limit: Option<u64>) -> u64 {
+    const FLOOR: u64 = 256 << 20;
+    let usable = match (mem_total, cgroup_limit) {
+        (Some(m), Some(c)) => m.min(c),
+        (Some(m), None) => m,
+        (None, Some(c)) => c,
+        (None, None) => return 1 << 30,
+    };
+    (usable / 4).max(FLOOR)
+}
+
+fn mem_total() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The cgroup v2 memory limit of this process, if one is set.
+fn cgroup_limit() -> Option<u64> {
+    std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Parse `PATH[:SIZE]`; SIZE takes K/M/G/T suffixes (powers of 1024).
@@ -109,7 +164,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         IoBackendArg::Uring => BackendChoice::Uring,
         IoBackendArg::Threads => BackendChoice::Threads,
     };
-    cfg.read_cache_bytes = args.read_cache;
+    cfg.read_cache_bytes = args.read_cache.bytes();
+    tracing::info!(
+        read_cache_bytes = cfg.read_cache_bytes,
+        "read cache size (--read-cache)"
+    );
     cfg.disks = args
         .disks
         .iter()
@@ -199,5 +258,27 @@ impl StopSignals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_cache_argument() {
+        assert_eq!(parse_cache_arg("auto"), Ok(ReadCacheArg::Auto));
+        assert_eq!(parse_cache_arg("0"), Ok(ReadCacheArg::Bytes(0)));
+        assert_eq!(parse_cache_arg("2G"), Ok(ReadCacheArg::Bytes(2 << 30)));
+        assert!(parse_cache_arg("lots").unwrap_err().contains("auto"));
+    }
+
+    #[test]
+    fn auto_read_cache_takes_a_quarter_of_the_tighter_limit() {
+        const G: u64 = 1 << 30;
+        assert_eq!(auto_read_cache(Some(24 * G), None), 6 * G);
+        assert_eq!(auto_read_cache(Some(24 * G), Some(4 * G)), G);
+        assert_eq!(auto_read_cache(Some(512 << 20), None), 256 << 20);
+        assert_eq!(auto_read_cache(None, None), G);
     }
 }
