@@ -3,8 +3,8 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::registry::{Record, Registry, STATE_DIR_ENV};
@@ -37,17 +37,24 @@ pub fn serve_args(req: &ServeRequest) -> Vec<String> {
     ]
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+/// The last `lines` lines of the log at `path`, joined with ` | `.
+pub(super) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
-/// Start the serving process in its own session, logging to the state
-/// directory, and wait until it has mounted and recorded the attachment.
-pub async fn start(reg: &Registry, req: &ServeRequest) -> Result<Record, AttachError> {
+/// Start `ballast ARGS` in the background: its own session (so it outlives
+/// the shell that ran `ballast attach`), stdin closed, stdout and stderr
+/// appended to the log of `volume` in the state directory. Returns the
+/// child and the log's path.
+pub(super) fn spawn_background(
+    reg: &Registry,
+    volume: &str,
+    args: &[String],
+) -> Result<(Child, PathBuf), AttachError> {
     reg.ensure()?;
-    let log_path = reg.log_path(&req.volume);
+    let log_path = reg.log_path(volume);
     let state = |source| AttachError::State {
         path: log_path.clone(),
         source,
@@ -59,14 +66,13 @@ pub async fn start(reg: &Registry, req: &ServeRequest) -> Result<Record, AttachE
         .map_err(state)?;
     let exe = std::env::current_exe().map_err(AttachError::Io)?;
     let mut cmd = Command::new(exe);
-    cmd.args(serve_args(req))
+    cmd.args(args)
         .env(STATE_DIR_ENV, reg.dir())
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(state)?)
         .stderr(log);
     // SAFETY: setsid() is async-signal-safe and touches no memory of ours;
-    // it detaches the server from our terminal and process group so it
-    // survives the shell that ran `ballast attach`.
+    // it detaches the child from our terminal and process group.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
@@ -75,7 +81,14 @@ pub async fn start(reg: &Registry, req: &ServeRequest) -> Result<Record, AttachE
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(AttachError::Io)?;
+    let child = cmd.spawn().map_err(AttachError::Io)?;
+    Ok((child, log_path))
+}
+
+/// Start the serving process in its own session, logging to the state
+/// directory, and wait until it has mounted and recorded the attachment.
+pub async fn start(reg: &Registry, req: &ServeRequest) -> Result<Record, AttachError> {
+    let (mut child, log_path) = spawn_background(reg, &req.volume, &serve_args(req))?;
     let pid = child.id();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {

@@ -6,9 +6,9 @@
 //! lives without any process of ours. `detach` sends `NBD_CMD_DISCONNECT`
 //! (the device is destroyed on disconnect). When a connection dies — ballastd
 //! restarted — the kernel keeps the device for the dead-connection timeout
-//! and waits for `NBD_CMD_RECONFIGURE` with fresh sockets: `ballast attach
-//! --reconnect /dev/nbdN` sends it (run it from a restart hook, a systemd
-//! `ExecStartPost=` of ballastd, or a loop; see docs/attach.md).
+//! and waits for `NBD_CMD_RECONFIGURE` with fresh sockets: [`reconnect`]
+//! sends it, from the device's background watcher ([`super::watcher`]) or
+//! from `ballast attach --reconnect /dev/nbdN` (see docs/attach.md).
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -112,8 +112,8 @@ async fn sockets(
     Ok((streams, negotiated))
 }
 
-/// Connect `/dev/nbdN` to the export; returns the device path.
-pub async fn attach(req: &KernelRequest) -> Result<String, AttachError> {
+/// Connect `/dev/nbdN` to the export; returns N.
+pub async fn attach(req: &KernelRequest) -> Result<u32, AttachError> {
     let (mut sock, family) = nbd_family(&req.volume)?;
     let (streams, negotiated) = sockets(&req.uri, req.connections).await?;
     let spec = ConnectSpec {
@@ -144,7 +144,7 @@ pub async fn attach(req: &KernelRequest) -> Result<String, AttachError> {
         })?;
     // The kernel took its own references to the sockets; ours close here.
     drop(streams);
-    Ok(device_path(index))
+    Ok(index)
 }
 
 /// Hand fresh sockets to `/dev/nbd{index}` to replace dead connections.

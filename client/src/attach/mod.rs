@@ -11,6 +11,10 @@
 //!   served over NBD ([`fuse_fs`], [`serve`]) through reconnecting connections
 //!   ([`pool`], [`reconnect`]); [`fuse`] starts and stops it.
 //!
+//! A kernel device gets a background [`watcher`] that hands it fresh
+//! sockets when its connections die (ballastd restarted); [`watch`] is its
+//! decision logic.
+//!
 //! Where ballastd's NBD server is comes from `Node.Info` ([`locate`]); every
 //! attachment is recorded as one JSON file in the state directory
 //! ([`registry`]), which `--list` reads and checks.
@@ -25,6 +29,8 @@ pub mod pool;
 pub mod reconnect;
 pub mod registry;
 pub mod serve;
+pub mod watch;
+pub mod watcher;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -67,7 +73,8 @@ pub struct Attachment {
     pub device: String,
     /// FUSE mount point; `None` for kernel attachments.
     pub mountpoint: Option<String>,
-    /// Serving process (FUSE); `None` for kernel attachments.
+    /// Serving process (FUSE) or reconnect watcher (kernel); `None` when a
+    /// kernel device has no running watcher.
     pub pid: Option<u32>,
     /// `nbd://HOST:PORT/VOLUME`.
     pub nbd_uri: String,
@@ -195,6 +202,16 @@ pub enum AttachError {
         /// Why and what to do.
         detail: String,
     },
+    /// The reconnect watcher of a kernel device did not start.
+    #[error("the reconnect watcher of {volume} did not start ({detail}); its log is {}", log.display())]
+    WatcherFailed {
+        /// Volume name.
+        volume: String,
+        /// What happened.
+        detail: String,
+        /// Its log file.
+        log: PathBuf,
+    },
     /// Other I/O failure.
     #[error("I/O error: {0}")]
     Io(#[source] std::io::Error),
@@ -223,7 +240,7 @@ pub struct AttachOptions {
     /// Kernel path: per-request timeout.
     pub request_timeout: Duration,
     /// Kernel path: how long a device with no live connection waits for
-    /// `--reconnect` before failing its I/O.
+    /// new sockets (from the watcher or `--reconnect`) before failing its I/O.
     pub dead_conn_timeout: Duration,
     /// FUSE path: how long requests wait for ballastd to come back.
     pub reconnect_timeout: Duration,
@@ -331,7 +348,7 @@ pub async fn attach(opts: &AttachOptions) -> Result<Attachment, AttachError> {
                 })?),
                 None => None,
             };
-            let device = kernel::attach(&kernel::KernelRequest {
+            let index = kernel::attach(&kernel::KernelRequest {
                 volume: opts.volume.clone(),
                 uri: uri.clone(),
                 connections,
@@ -345,23 +362,40 @@ pub async fn attach(opts: &AttachOptions) -> Result<Attachment, AttachError> {
                 attachment: Attachment {
                     volume: opts.volume.clone(),
                     kind: AttachKind::Kernel,
-                    device,
+                    device: kernel::device_path(index),
                     mountpoint: None,
                     pid: None,
                     nbd_uri: uri.to_string(),
                 },
                 api: api.url().to_string(),
-                log: None,
+                log: Some(reg.log_path(&opts.volume)),
                 failure: None,
             };
             if let Err(e) = reg.save(&rec) {
                 // Do not leave a device nobody knows about.
-                if let Some(i) = kernel::parse_device(&rec.attachment.device) {
-                    let _ = kernel::disconnect(&opts.volume, i);
-                }
+                let _ = kernel::disconnect(&opts.volume, index);
                 return Err(e);
             }
-            Ok(rec.attachment)
+            let watch = watcher::WatchRequest {
+                volume: opts.volume.clone(),
+                index,
+                nbd_uri: uri.to_string(),
+                connections,
+                dead_conn_timeout: opts.dead_conn_timeout,
+            };
+            match watcher::start(&reg, &watch).await {
+                Ok(rec) => Ok(rec.attachment),
+                Err(e) => {
+                    // The device works; it only lacks automatic reconnects.
+                    // Failing the attach would be worse than saying so.
+                    eprintln!(
+                        "warning: {e}; {} is attached but will not reconnect by itself after a \
+                         ballastd restart (use `ballast attach --reconnect {}`)",
+                        rec.attachment.device, rec.attachment.device
+                    );
+                    Ok(rec.attachment)
+                }
+            }
         }
     }
 }
@@ -413,6 +447,11 @@ pub async fn detach(target: &str) -> Result<Attachment, AttachError> {
         AttachKind::Kernel => {
             let index = kernel::parse_device(&rec.attachment.device)
                 .ok_or_else(|| AttachError::NotAttached(rec.attachment.device.clone()))?;
+            // First the watcher, so it cannot hand sockets to the device
+            // while it disconnects.
+            if let Some(pid) = rec.attachment.pid {
+                watcher::stop(pid).await;
+            }
             match kernel::disconnect(&rec.attachment.volume, index) {
                 Ok(()) => {}
                 // The device is gone already: nothing left to disconnect.
@@ -452,8 +491,25 @@ pub async fn reconnect(device: &str, connections: usize) -> Result<Attachment, A
 pub fn list() -> Result<Vec<Attachment>, AttachError> {
     let reg = Registry::from_env();
     let mut out = Vec::new();
-    for rec in reg.all()? {
+    for mut rec in reg.all()? {
         if live(&rec) {
+            let a = &rec.attachment;
+            if a.kind == AttachKind::Kernel && a.pid.is_some_and(|p| !watcher::alive(p)) {
+                eprintln!(
+                    "note: the reconnect watcher of {} (pid {}) is not running; {} will not \
+                     reconnect by itself (see {}; `ballast attach --reconnect {}` does it by hand)",
+                    a.volume,
+                    a.pid.unwrap_or(0),
+                    a.device,
+                    rec.log
+                        .as_ref()
+                        .map(|l| l.display().to_string())
+                        .unwrap_or_else(|| "its log".into()),
+                    a.device
+                );
+                rec.attachment.pid = None;
+                reg.save(&rec)?;
+            }
             out.push(rec.attachment);
         } else {
             eprintln!(

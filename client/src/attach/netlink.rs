@@ -28,11 +28,20 @@ pub const CTRL_VERSION: u8 = 2;
 pub const CTRL_ATTR_FAMILY_ID: u16 = 1;
 /// `CTRL_ATTR_FAMILY_NAME` (NUL-terminated string).
 pub const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+/// `CTRL_ATTR_MCAST_GROUPS`: nested list, one nested item per group (the
+/// item's type is its 1-based position, not a meaningful constant).
+pub const CTRL_ATTR_MCAST_GROUPS: u16 = 7;
+/// `CTRL_ATTR_MCAST_GRP_NAME` (NUL-terminated string), inside an item.
+pub const CTRL_ATTR_MCAST_GRP_NAME: u16 = 1;
+/// `CTRL_ATTR_MCAST_GRP_ID` (u32), inside an item.
+pub const CTRL_ATTR_MCAST_GRP_ID: u16 = 2;
 
 /// The nbd driver's generic netlink family name.
 pub const NBD_FAMILY: &str = "nbd";
 /// `NBD_GENL_VERSION`.
 pub const NBD_VERSION: u8 = 1;
+/// `NBD_GENL_MCAST_GROUP_NAME`: where the driver multicasts `LINK_DEAD`.
+pub const NBD_MCAST_GROUP: &str = "nbd_mc_group";
 
 /// `NBD_CMD_*`.
 pub mod cmd {
@@ -356,18 +365,137 @@ impl GenlSocket {
     /// The id of generic netlink family `name`; `Ok(None)` when the kernel
     /// does not know it (module not loaded).
     pub fn resolve(&mut self, name: &str) -> Result<Option<u16>, NetlinkError> {
+        Ok(self.resolve_family(name)?.map(|f| f.id))
+    }
+
+    /// Id and multicast groups of generic netlink family `name`; `Ok(None)`
+    /// when the kernel does not know it (module not loaded).
+    pub fn resolve_family(&mut self, name: &str) -> Result<Option<Family>, NetlinkError> {
         let seq = self.next_seq();
         let msg = get_family(seq, name)?;
         match self.exchange("CTRL_CMD_GETFAMILY", &msg) {
-            Ok(replies) => Ok(replies
-                .iter()
-                .flatten()
-                .find(|a| *a.nla_type().nla_type() == CTRL_ATTR_FAMILY_ID)
-                .and_then(|a| u16_of(a.nla_payload().as_ref()))),
+            Ok(replies) => {
+                let attrs: Vec<(u16, Vec<u8>)> = replies
+                    .iter()
+                    .flatten()
+                    .map(|a| (*a.nla_type().nla_type(), a.nla_payload().as_ref().to_vec()))
+                    .collect();
+                Ok(family_of(&attrs))
+            }
             Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(None),
             Err(e) => Err(e),
         }
     }
+}
+
+/// What `CTRL_CMD_GETFAMILY` tells about a family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    /// The id requests to the family carry as netlink message type.
+    pub id: u16,
+    /// Multicast groups: name and the id to join.
+    pub mcast_groups: Vec<(String, u32)>,
+}
+
+impl Family {
+    /// The id of multicast group `name`.
+    pub fn mcast_group(&self, name: &str) -> Option<u32> {
+        self.mcast_groups
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, id)| id)
+    }
+}
+
+/// The family described by the attributes of a GETFAMILY reply; `None`
+/// without a family id. Groups lacking a name or an id are skipped.
+pub fn family_of(attrs: &[(u16, Vec<u8>)]) -> Option<Family> {
+    let id = attrs
+        .iter()
+        .find(|(k, _)| *k & 0x3fff == CTRL_ATTR_FAMILY_ID)
+        .and_then(|(_, v)| u16_of(v))?;
+    let mut mcast_groups = Vec::new();
+    for (_, groups) in attrs
+        .iter()
+        .filter(|(k, _)| *k & 0x3fff == CTRL_ATTR_MCAST_GROUPS)
+    {
+        for (_, item) in parse_nested(groups) {
+            let fields = parse_nested(&item);
+            let name = fields
+                .iter()
+                .find(|(k, _)| *k == CTRL_ATTR_MCAST_GRP_NAME)
+                .map(|(_, v)| c_string(v));
+            let gid = fields
+                .iter()
+                .find(|(k, _)| *k == CTRL_ATTR_MCAST_GRP_ID)
+                .and_then(|(_, v)| u32_of(v));
+            if let (Some(name), Some(gid)) = (name, gid) {
+                mcast_groups.push((name, gid));
+            }
+        }
+    }
+    Some(Family { id, mcast_groups })
+}
+
+/// A string attribute without its NUL terminator.
+fn c_string(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// One generic netlink message read off a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawGenlMessage {
+    /// `nlmsg_type`: the family id (or a control type such as `NLMSG_ERROR`).
+    pub nl_type: u16,
+    /// `genlmsghdr.cmd`.
+    pub cmd: u8,
+    /// Top-level attributes as `(type without flags, payload)`.
+    pub attrs: Vec<(u16, Vec<u8>)>,
+}
+
+/// Length of `struct nlmsghdr`.
+const NLMSG_HDR_LEN: usize = 16;
+/// Length of `struct genlmsghdr`.
+const GENL_HDR_LEN: usize = 4;
+
+/// Every generic netlink message in one datagram. Netlink packs several
+/// messages, each padded to 4 bytes, into one read; a truncated tail is
+/// dropped. Messages too short for a generic header (`NLMSG_DONE`, ...)
+/// are skipped.
+pub fn parse_messages(datagram: &[u8]) -> Vec<RawGenlMessage> {
+    let mut out = Vec::new();
+    let mut rest = datagram;
+    while rest.len() >= NLMSG_HDR_LEN {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < NLMSG_HDR_LEN || len > rest.len() {
+            break;
+        }
+        let nl_type = u16::from_ne_bytes([rest[4], rest[5]]);
+        let body = &rest[NLMSG_HDR_LEN..len];
+        if body.len() >= GENL_HDR_LEN {
+            out.push(RawGenlMessage {
+                nl_type,
+                cmd: body[0],
+                attrs: parse_nested(&body[GENL_HDR_LEN..]),
+            });
+        }
+        let padded = (len + 3) & !3;
+        rest = &rest[padded.min(rest.len())..];
+    }
+    out
+}
+
+/// The device index of an `NBD_CMD_LINK_DEAD` notification from the nbd
+/// family `family`; `None` for any other message.
+pub fn link_dead_index(msg: &RawGenlMessage, family: u16) -> Option<u32> {
+    if msg.nl_type != family || msg.cmd != cmd::LINK_DEAD {
+        return None;
+    }
+    msg.attrs
+        .iter()
+        .find(|(k, _)| *k == attr::INDEX)
+        .and_then(|(_, v)| u32_of(v))
 }
 
 fn u16_of(b: &[u8]) -> Option<u16> {
@@ -568,5 +696,90 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(parse_status(&[vec![list]]), [(0, true), (4, false)]);
+    }
+
+    #[test]
+    fn getfamily_reply_with_multicast_groups() {
+        // CTRL_CMD_NEWFAMILY reply for "nbd" as the kernel lays it out: the
+        // group list is nested twice, the item types are positions (1, 2),
+        // and the u16 id and the group names carry padding.
+        #[rustfmt::skip]
+        let datagram: Vec<u8> = [
+            &[104, 0, 0, 0][..], &[0x10, 0x00], &[0, 0], &[1, 0, 0, 0], &[0, 0, 0, 0],
+            &[1, 2, 0, 0],                               // CTRL_CMD_NEWFAMILY, v2
+            &[8, 0, 2, 0], b"nbd\0",                    // FAMILY_NAME "nbd"
+            &[6, 0, 1, 0], &[0x1a, 0x00], &[0, 0],       // FAMILY_ID 0x1a + 2 pad
+            &[8, 0, 3, 0], &[1, 0, 0, 0],                // VERSION 1
+            &[60, 0, 0x07, 0x80],                        // MCAST_GROUPS | NLA_F_NESTED
+            &[32, 0, 1, 0],                              //   item 1
+            &[8, 0, 2, 0], &[5, 0, 0, 0],                //     GRP_ID 5
+            &[17, 0, 1, 0], b"nbd_mc_group\0", &[0, 0, 0], //   GRP_NAME + 3 pad
+            &[24, 0, 2, 0],                              //   item 2
+            &[8, 0, 2, 0], &[9, 0, 0, 0],                //     GRP_ID 9
+            &[10, 0, 1, 0], b"other\0", &[0, 0],        //     GRP_NAME + 2 pad
+        ].concat();
+        assert_eq!(datagram.len(), 104);
+        let msgs = parse_messages(&datagram);
+        assert_eq!(msgs.len(), 1);
+        assert_eq!((msgs[0].nl_type, msgs[0].cmd), (GENL_ID_CTRL, 1));
+        let fam = family_of(&msgs[0].attrs).unwrap();
+        assert_eq!(fam.id, 0x1a);
+        assert_eq!(
+            fam.mcast_groups,
+            [("nbd_mc_group".to_string(), 5), ("other".to_string(), 9)]
+        );
+        assert_eq!(fam.mcast_group(NBD_MCAST_GROUP), Some(5));
+        assert_eq!(fam.mcast_group("missing"), None);
+    }
+
+    #[test]
+    fn getfamily_reply_without_groups_or_id() {
+        // An old kernel's family without multicast groups: still a family.
+        let only_id = [(CTRL_ATTR_FAMILY_ID, vec![0x1a, 0x00])];
+        let fam = family_of(&only_id).unwrap();
+        assert_eq!((fam.id, fam.mcast_group(NBD_MCAST_GROUP)), (0x1a, None));
+        // A group item lacking its id is skipped, not misread.
+        #[rustfmt::skip]
+        let groups: Vec<u8> = [
+            &[24, 0, 1, 0][..],                          // item 1, name only
+            &[17, 0, 1, 0], b"nbd_mc_group\0", &[0, 0, 0],
+        ].concat();
+        let attrs = [
+            (CTRL_ATTR_FAMILY_ID, vec![0x1a, 0x00]),
+            (CTRL_ATTR_MCAST_GROUPS, groups),
+        ];
+        assert!(family_of(&attrs).unwrap().mcast_groups.is_empty());
+        assert_eq!(
+            family_of(&[(CTRL_ATTR_FAMILY_NAME, b"nbd\0".to_vec())]),
+            None
+        );
+    }
+
+    #[test]
+    fn link_dead_notifications() {
+        // One datagram, three multicast messages: LINK_DEAD of nbd3, a
+        // STATUS-shaped message, and LINK_DEAD from another family id.
+        #[rustfmt::skip]
+        let msg = |family: u8, command: u8, index: u8| -> Vec<u8> {
+            [
+                &[28, 0, 0, 0][..], &[family, 0x00], &[0, 0], &[0, 0, 0, 0], &[0, 0, 0, 0],
+                &[command, 1, 0, 0],
+                &[8, 0, 1, 0], &[index, 0, 0, 0],        // NBD_ATTR_INDEX
+            ].concat()
+        };
+        let datagram = [msg(0x1a, 4, 3), msg(0x1a, 5, 7), msg(0x1b, 4, 8)].concat();
+        let msgs = parse_messages(&datagram);
+        assert_eq!(msgs.len(), 3);
+        let found: Vec<Option<u32>> = msgs.iter().map(|m| link_dead_index(m, 0x1a)).collect();
+        assert_eq!(found, [Some(3), None, None]);
+        let truncated = parse_messages(&msg(0x1a, 4, 3)[..20]);
+        assert!(truncated.is_empty(), "the header says 28 bytes, 20 arrived");
+        // LINK_DEAD without an index names no device.
+        let mut no_index = msg(0x1a, 4, 3);
+        no_index[0] = 20;
+        no_index.truncate(20);
+        let m = parse_messages(&no_index);
+        assert_eq!(m.len(), 1);
+        assert_eq!(link_dead_index(&m[0], 0x1a), None);
     }
 }

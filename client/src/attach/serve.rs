@@ -40,7 +40,7 @@ pub struct ServeRequest {
     pub reconnect_timeout: Duration,
 }
 
-fn log_init() {
+pub(super) fn log_init() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BALLAST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

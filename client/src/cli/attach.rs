@@ -1,4 +1,5 @@
-//! `ballast attach`, `ballast detach` and the hidden `ballast __fuse-serve`.
+//! `ballast attach`, `ballast detach` and the hidden `ballast __fuse-serve`
+//! and `ballast __kernel-watch`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use clap::Args;
 
 use super::output::{self, Align, Table};
 use super::JsonArg;
+use crate::attach::watcher::WatchRequest;
 use crate::attach::{self, AttachOptions, Attachment, ServeRequest};
 
 pub const ATTACH_ABOUT: &str =
@@ -22,9 +24,10 @@ module is missing, --fuse DIR mounts a FUSE file system at DIR holding one file,
 served in the background by ballast itself; it can back a loop device (losetup). The command \
 prints the file's path and exits once the mount is ready.
 
-Several connections are used only when ballastd offers multi-conn. A FUSE attachment reconnects \
-by itself when ballastd restarts; a kernel device waits --dead-conn-timeout seconds for \
-`ballast attach --reconnect DEVICE`. See docs/attach.md.";
+Several connections are used only when ballastd offers multi-conn. Both kinds reconnect by \
+themselves when ballastd restarts: the FUSE server redials, and a kernel device gets a background \
+watcher that hands it fresh connections (the device waits --dead-conn-timeout seconds for them \
+before failing I/O); `ballast attach --reconnect DEVICE` does the same by hand. See docs/attach.md.";
 
 pub const ATTACH_AFTER: &str = "\
 Examples:
@@ -33,7 +36,7 @@ Examples:
   losetup --find --show /mnt/ballast/db1   # a block device on top of the file
   ballast attach --list --json
   ballast detach db1                       # or: ballast detach /dev/nbd0 | /mnt/ballast
-  ballast attach --reconnect /dev/nbd0     # after ballastd restarted (kernel devices)
+  ballast attach --reconnect /dev/nbd0     # by hand, if the watcher is not running
 
 Attachments are recorded in $BALLAST_STATE_DIR (default /run/ballast/attach).";
 
@@ -58,7 +61,7 @@ pub struct AttachArgs {
     /// Kernel path: seconds before a request that got no reply fails.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
-    /// Kernel path: seconds a device with no live connection waits for --reconnect.
+    /// Kernel path: seconds a device with no live connection waits for new ones.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub dead_conn_timeout: u64,
     /// FUSE path: seconds requests wait for ballastd to come back after a lost connection.
@@ -106,6 +109,33 @@ impl ServeArgs {
             mountpoint: self.mountpoint.clone(),
             connections: self.connections,
             reconnect_timeout: Duration::from_secs(self.reconnect_timeout),
+        }
+    }
+}
+
+/// Arguments of the reconnect watcher (started by a kernel attach).
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[arg(long)]
+    pub volume: String,
+    #[arg(long)]
+    pub index: u32,
+    #[arg(long)]
+    pub nbd_uri: String,
+    #[arg(long)]
+    pub connections: usize,
+    #[arg(long)]
+    pub dead_conn_timeout: u64,
+}
+
+impl WatchArgs {
+    pub fn request(&self) -> WatchRequest {
+        WatchRequest {
+            volume: self.volume.clone(),
+            index: self.index,
+            nbd_uri: self.nbd_uri.clone(),
+            connections: self.connections,
+            dead_conn_timeout: Duration::from_secs(self.dead_conn_timeout),
         }
     }
 }

@@ -66,6 +66,9 @@ pub enum Command {
     /// The background process of `attach --fuse` (internal).
     #[command(name = "__fuse-serve", hide = true)]
     FuseServe(attach::ServeArgs),
+    /// The reconnect watcher of a kernel attachment (internal).
+    #[command(name = "__kernel-watch", hide = true)]
+    KernelWatch(attach::WatchArgs),
     /// Serve Ballast volumes to other systems (Docker's volume plugin protocol).
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
@@ -85,6 +88,14 @@ impl Cli {
     pub fn serve_request(&self) -> Option<crate::attach::ServeRequest> {
         match &self.command {
             Command::FuseServe(a) => Some(a.request(&self.api)),
+            _ => None,
+        }
+    }
+
+    /// The watcher request when this is the hidden kernel watcher command.
+    pub fn watch_request(&self) -> Option<crate::attach::watcher::WatchRequest> {
+        match &self.command {
+            Command::KernelWatch(a) => Some(a.request()),
             _ => None,
         }
     }
@@ -176,6 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attach(args) => attach::run_attach(&cli.api, args).await,
         Command::Detach(args) => attach::run_detach(args).await,
         Command::FuseServe(args) => Ok(crate::attach::serve::serve(args.request(&cli.api)).await?),
+        Command::KernelWatch(args) => Ok(crate::attach::watcher::run(args.request()).await?),
         Command::Plugin(cmd) => plugin::run(&cli.api, cmd).await,
     }
 }
