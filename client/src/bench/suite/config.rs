@@ -72,6 +72,15 @@ impl Default for Settings {
     }
 }
 
+impl TargetKind {
+    /// Whether what is written can be read back: nbdkit's `null` and `zero`
+    /// plugins discard writes, so `verify` workloads run on them unverified
+    /// (they still measure the protocol ceiling) instead of failing the suite.
+    pub fn stores_data(&self) -> bool {
+        !matches!(self, TargetKind::Nbdkit { plugin, .. } if plugin == "null" || plugin == "zero")
+    }
+}
+
 /// `[[target]]`: a name plus how to start it.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TargetSpec {
@@ -305,6 +314,14 @@ mod tests {
         );
         assert_eq!(s.workloads[0].queue_depth, 32);
         assert_eq!(s.settings.repeats, 2);
+        // memory keeps data; ballast, qemu-nbd and commands are assumed to.
+        assert!(s.targets.iter().all(|t| t.kind.stores_data()));
+        let null = TargetKind::Nbdkit {
+            plugin: "null".into(),
+            args: vec![],
+            filters: vec![],
+        };
+        assert!(!null.stores_data(), "nbdkit null discards writes");
     }
 
     #[test]

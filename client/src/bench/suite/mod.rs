@@ -191,7 +191,12 @@ fn workload_config(
     cfg.read_percent = w.read_percent;
     cfg.dedupe_percent = w.dedupe_percent;
     cfg.compress_percent = w.compress_percent;
-    cfg.verify = w.verify;
+    cfg.verify = w.verify
+        && suite
+            .targets
+            .iter()
+            .find(|t| t.name == r.name)
+            .is_none_or(|t| t.kind.stores_data());
     cfg.seed = suite.settings.seed;
     cfg.size = Some(size);
     Ok(cfg)
