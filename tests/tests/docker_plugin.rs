@@ -419,13 +419,21 @@ fn unique(what: &str) -> String {
     format!("ballast-e2e-{what}-{}", std::process::id())
 }
 
+/// Plugin names are fixed, not per run: dockerd keeps every volume plugin it
+/// has talked to until it restarts and retries dead ones on each volume
+/// lookup, so a new name per run would pile up stale drivers and slow every
+/// later `docker build`/`run` on the machine down to a crawl.
+fn plugin_name(what: &str) -> String {
+    format!("ballast-e2e-{what}")
+}
+
 #[test]
 fn docker_volume_lifecycle() {
     if !docker_available("docker_volume_lifecycle") {
         return;
     }
     let node = Node::start_with(&["--disk", "{dir}/disk0.img:4G"]);
-    let mut plugin = Plugin::start(&node, &unique("life"));
+    let mut plugin = Plugin::start(&node, &plugin_name("life"));
     let image = Image::build(&format!("{}:busybox", unique("img-life")));
 
     // Bad options are refused at create, with the reason, and create nothing.
@@ -600,7 +608,7 @@ fn container_keeps_writing_across_a_ballastd_restart() {
         return;
     }
     let mut node = Node::start_with(&["--disk", "{dir}/disk0.img:4G"]);
-    let plugin = Plugin::start(&node, &unique("restart"));
+    let plugin = Plugin::start(&node, &plugin_name("restart"));
     let image = Image::build(&format!("{}:busybox", unique("img-restart")));
     let out = plugin.volume_create("restartvol", &["size=1G"]);
     assert!(
