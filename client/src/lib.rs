@@ -8,6 +8,7 @@
 //! * [`nbd`]: asynchronous pipelined NBD client. It uses the wire codec
 //!   `ballast_proto::nbd`, the same one `ballastd`'s server uses
 //!   (re-exported as [`nbd::proto`]).
+//! * [`mountinfo`]: what is mounted where (attach and the plugin).
 //! * [`cli`]: the command line; [`bench`]: load generator and suites.
 //! * [`plugin`]: `ballast plugin docker`, the Docker volume plugin
 //!   (docs/docker.md).
@@ -15,5 +16,6 @@ pub mod api;
 pub mod attach;
 pub mod bench;
 pub mod cli;
+pub mod mountinfo;
 pub mod nbd;
 pub mod plugin;

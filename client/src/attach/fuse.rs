@@ -134,39 +134,11 @@ pub fn server_alive(pid: u32) -> bool {
 
 /// True when `dir` is a mount point of a ballast FUSE file system.
 pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = dir.display().to_string();
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        // mountinfo: id parent maj:min root mountpoint ... - fstype source ...
-        let sep = f.iter().position(|x| *x == "-");
-        f.get(4).is_some_and(|m| unescape(m) == want)
-            && sep
-                .and_then(|s| f.get(s + 1))
-                .is_some_and(|t| t.starts_with("fuse"))
+    crate::mountinfo::read().is_ok_and(|mounts| {
+        mounts
+            .iter()
+            .any(|m| m.mountpoint == dir && m.fstype.starts_with("fuse"))
     })
-}
-
-/// Undo mountinfo's octal escapes (`\040` for a space ...).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Unmount a FUSE attachment and wait for its server's final flush.
@@ -291,12 +263,5 @@ mod tests {
         argv.extend(serve_args(&req));
         let cli = crate::cli::Cli::try_parse_from_args(&argv).unwrap();
         assert_eq!(cli.serve_request(), Some(req));
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape(r"/x\04"), r"/x\04");
     }
 }

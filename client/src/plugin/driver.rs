@@ -19,12 +19,12 @@ use tracing::{info, warn};
 
 use super::control::ControlPlane;
 use super::host::{Host, HostError, Probe};
-use super::mountinfo;
 use super::options::{Fs, OptionError, VolumeOptions};
 use super::protocol::VolumeInfo;
 use super::state::{self, Cleanup, MountRecord, Observed, State, StateError, StateStore};
 use crate::api::{ApiError, Volume};
 use crate::cli::output::format_rfc3339;
+use crate::mountinfo;
 
 /// A verb failed; the text goes to Docker's `Err` field and so to the user.
 #[derive(Debug, thiserror::Error)]

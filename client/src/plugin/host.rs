@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use super::mountinfo::{self, MountEntry};
 use super::options::Fs;
 use super::state::{Attachment, LoopDevice};
+use crate::mountinfo::{self, MountEntry};
 
 /// A host operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -30,7 +30,6 @@ pub mod host;
 pub mod http;
 #[cfg(test)]
 mod http_tests;
-pub mod mountinfo;
 pub mod options;
 pub mod protocol;
 pub mod state;

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::mountinfo::{self, MountEntry};
 use super::options::Fs;
+use crate::mountinfo::{self, MountEntry};
 
 /// Version of `state.json`'s layout.
 pub const STATE_VERSION: u32 = 1;

@@ -10,10 +10,10 @@ use tonic::Code;
 
 use super::control::ControlPlane;
 use super::host::{Host, HostError, Probe};
-use super::mountinfo::MountEntry;
 use super::options::Fs;
 use super::state::{AttachKind, Attachment, LoopDevice};
 use crate::api::{ApiError, CreateVolumeSpec, Volume};
+use crate::mountinfo::MountEntry;
 
 /// A control plane holding volumes in a map.
 #[derive(Clone, Default)]

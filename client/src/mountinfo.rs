@@ -1,12 +1,14 @@
 //! What is mounted where, read from `/proc/self/mountinfo`.
 //!
-//! The plugin asks the kernel rather than trusting its own records: a mount
-//! can vanish behind its back (an admin's `umount`, a reboot), and after a
-//! plugin restart the kernel is the only authority on what is still mounted.
+//! Shared by `attach` (is a FUSE attachment still mounted?) and the Docker
+//! plugin, which asks the kernel rather than trusting its own records: a
+//! mount can vanish behind its back (an admin's `umount`, a reboot), and
+//! after a plugin restart the kernel is the only authority on what is still
+//! mounted.
 
 use std::path::{Path, PathBuf};
 
-/// One line of mountinfo, reduced to what the plugin needs.
+/// One line of mountinfo, reduced to what its users need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
     /// Where it is mounted.
@@ -114,6 +116,9 @@ bogus line
     fn unescapes_octal() {
         assert_eq!(unescape("a\\040b\\134c\\011d"), "a b\\c\td");
         assert_eq!(unescape("trailing\\04"), "trailing\\04");
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape(r"/x\04"), r"/x\04");
     }
 
     #[test]
