@@ -115,7 +115,7 @@ async fn clean_segment(inner: &Arc<Inner>, id: SegmentId, written: u32) -> Resul
     let (buf, r) = disk
         .io
         .read_at(
-            AlignedBuf::zeroed(len.max(IO_ALIGN)),
+            AlignedBuf::recycled(len.max(IO_ALIGN)),
             disk.segment_offset(id.index, seg_size),
         )
         .await;

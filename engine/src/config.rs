@@ -27,6 +27,8 @@ pub struct EngineConfig {
     pub segment_size: u32,
     /// Metadata store block cache.
     pub meta_cache_bytes: u64,
+    /// Decoded block-map and record-index entries (see `entry_cache`).
+    pub entry_cache_bytes: u64,
     /// Commit at least this often when there are unflushed writes, so crash
     /// loss and recovery work stay bounded even for clients that never flush.
     pub commit_interval: std::time::Duration,
@@ -46,6 +48,7 @@ impl EngineConfig {
             backend: BackendChoice::Auto,
             segment_size: 4 << 20,
             meta_cache_bytes: 64 << 20,
+            entry_cache_bytes: 256 << 20,
             commit_interval: std::time::Duration::from_secs(1),
             read_cache_bytes: 256 << 20,
             cleaner: true,
@@ -143,6 +146,8 @@ pub struct NodeStats {
     pub metadata_write_buffer_bytes: u64,
     /// The in-memory filter over the record index (fixed by pool capacity).
     pub record_filter_bytes: u64,
+    /// The entry cache in use (bounded by `EngineConfig::entry_cache_bytes`).
+    pub entry_cache_bytes: u64,
     pub read_cache_bytes: u64,
     pub dedup_ratio: f64,
     pub compression_ratio: f64,

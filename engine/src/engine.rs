@@ -79,7 +79,11 @@ impl Engine {
                     .map_err(|e| EngineError::io("starting the I/O backend", e))?,
             )
         };
-        let meta = Meta::open(&cfg.data_dir.join("meta"), cfg.meta_cache_bytes)?;
+        let meta = Meta::open(
+            &cfg.data_dir.join("meta"),
+            cfg.meta_cache_bytes,
+            cfg.entry_cache_bytes,
+        )?;
         let open_disk = |spec: &DiskSpec| open_disk(&cfg, io.as_ref(), spec);
         let existing: Option<PoolRecord> = meta.get_json("pool")?;
         let mut pool = match existing {
@@ -648,6 +652,7 @@ impl Engine {
                 .record_filter
                 .as_ref()
                 .map_or(0, |f| f.memory_bytes()),
+            entry_cache_bytes: self.inner.meta.entries.memory_bytes(),
             read_cache_bytes: self.inner.read_cache.weight(),
             dedup_ratio: ratio(logical, unique),
             compression_ratio: ratio(unique, stored),
@@ -1050,6 +1055,8 @@ impl Inner {
         let n_entries = batch.len();
         batch.commit()?;
         meta.persist()?;
+        // Before publishing: until then the frozen overlay shadows these keys.
+        meta.entries.apply(&ov);
         // 4. Publish: the store now holds the frozen overlay.
         {
             let mut st = self.state.lock();

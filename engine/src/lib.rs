@@ -11,6 +11,7 @@
 //! - `key`: block identities (blake3 + nonce) and metadata key encodings.
 //! - `meta`: the fjall metadata store (block maps, record index, segments).
 //! - `record_filter`: a Bloom filter that answers record-index misses in memory.
+//! - `entry_cache`: recently used committed block-map and record-index entries.
 //! - `state`: the in-memory overlay of uncommitted metadata changes.
 //! - `engine`: opening/recovery, group commit, control operations, stats.
 //! - `volume`: the read and write paths of one volume.
@@ -22,6 +23,7 @@
 mod cleaner;
 mod config;
 mod engine;
+mod entry_cache;
 mod error;
 pub mod io;
 mod key;

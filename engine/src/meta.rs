@@ -3,6 +3,7 @@
 //! batch per commit (see `commit`), never piecemeal.
 
 use crate::config::Compression;
+use crate::entry_cache::EntryCache;
 use crate::error::{EngineError, Result};
 use crate::key::{BlockKey, RecordMeta, SegmentId};
 use crate::record_filter::RecordFilter;
@@ -24,6 +25,8 @@ pub(crate) struct Meta {
     /// Answers most record-index misses from memory; installed once the
     /// pool's capacity is known (see `record_filter`).
     pub record_filter: Option<RecordFilter>,
+    /// Decoded committed entries in front of `blocks` and `records`.
+    pub entries: EntryCache,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -95,7 +98,7 @@ impl SegmentRecord {
 }
 
 impl Meta {
-    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Meta> {
+    pub fn open(dir: &Path, cache_bytes: u64, entry_cache_bytes: u64) -> Result<Meta> {
         std::fs::create_dir_all(dir).map_err(|e| {
             EngineError::io(format!("creating metadata folder {}", dir.display()), e)
         })?;
@@ -125,6 +128,7 @@ impl Meta {
             segments: ks("segments")?,
             misc: ks("misc")?,
             record_filter: None,
+            entries: EntryCache::new(entry_cache_bytes),
             db,
         })
     }
@@ -143,7 +147,26 @@ impl Meta {
         }
     }
 
+    /// The committed mapping of one block (entry cache, then store).
     pub fn block(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
+        match self.entries.block(volume, lba) {
+            Some(v) => Ok(v),
+            None => self.block_from_store(volume, lba),
+        }
+    }
+
+    /// As `block`, filling the entry cache on a miss: only for callers that
+    /// hold the state lock and found the key in neither overlay.
+    pub fn block_filling(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
+        if let Some(v) = self.entries.block(volume, lba) {
+            return Ok(v);
+        }
+        let v = self.block_from_store(volume, lba)?;
+        self.entries.fill_block(volume, lba, v);
+        Ok(v)
+    }
+
+    fn block_from_store(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
         match self.blocks.get(crate::key::map_key(volume, lba))? {
             None => Ok(None),
             Some(v) => BlockKey::decode(&v)
@@ -152,7 +175,28 @@ impl Meta {
         }
     }
 
+    /// The committed record-index entry of `key` (entry cache, filter, store).
     pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+        match self.entries.record(key) {
+            Some(v) => Ok(v),
+            None => self.record_from_store(key),
+        }
+    }
+
+    /// As `record`, filling the entry cache on a miss (see `block_filling`).
+    pub fn record_filling(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+        if let Some(v) = self.entries.record(key) {
+            return Ok(v);
+        }
+        let v = self.record_from_store(key)?;
+        // A filter "no" is cheaper than a cache slot: cache only store hits.
+        if v.is_some() {
+            self.entries.fill_record(*key, v);
+        }
+        Ok(v)
+    }
+
+    fn record_from_store(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
         if self
             .record_filter
             .as_ref()

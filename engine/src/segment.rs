@@ -100,7 +100,9 @@ impl Writer {
             }
             self.open = Some(SegImage {
                 id,
-                buf: AlignedBuf::zeroed(self.segment_size),
+                // Recycled: records overwrite what they use, and the padding
+                // up to a page is zeroed before it is written (`pad`).
+                buf: AlignedBuf::recycled(self.segment_size),
                 fill: 0,
                 issued: 0,
                 outstanding: Arc::new(AtomicUsize::new(0)),
@@ -143,7 +145,7 @@ impl Writer {
         rt: &tokio::runtime::Handle,
         space: &parking_lot::Mutex<Space>,
     ) {
-        let upto = align_up(img.fill);
+        let upto = pad(&mut img);
         if let Some(h) = issue_range(&mut img, upto, disks, rt, self.segment_size as u32) {
             self.pending.push(h);
             self.dirty_disks.insert(img.id.disk);
@@ -197,8 +199,7 @@ impl Writer {
         rt: &tokio::runtime::Handle,
     ) -> (Vec<JoinHandle<std::io::Result<()>>>, BTreeSet<u32>) {
         if let Some(open) = self.open.as_mut() {
-            let padded = align_up(open.fill);
-            // The padding is already zero: images start zeroed and are append-only.
+            let padded = pad(open);
             open.fill = padded;
             self.issue(padded, disks, rt);
         }
@@ -207,6 +208,15 @@ impl Writer {
             std::mem::take(&mut self.dirty_disks),
         )
     }
+}
+
+/// Zero the image from its fill to the next page boundary and return that
+/// boundary: on disk, a record is followed by another record or by zeros up
+/// to a page boundary (the cleaner's walk relies on it).
+fn pad(img: &mut SegImage) -> usize {
+    let upto = align_up(img.fill).min(img.buf.len());
+    img.buf[img.fill..upto].fill(0);
+    upto
 }
 
 fn issue_range(
@@ -221,7 +231,7 @@ fn issue_range(
     }
     let disk = disks.iter().find(|d| d.id == img.id.disk)?.clone();
     let start = img.issued;
-    let mut chunk = AlignedBuf::zeroed(upto - start);
+    let mut chunk = AlignedBuf::recycled(upto - start);
     chunk.copy_from_slice(&img.buf[start..upto]);
     img.issued = upto;
     let at = disk.segment_offset(img.id.index, segment_size) + start as u64;

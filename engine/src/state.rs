@@ -59,7 +59,7 @@ impl Txn<'_> {
     pub fn block(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
         match self.block_in_overlays(volume, lba) {
             Some(v) => Ok(v),
-            None => self.meta.block(volume, lba),
+            None => self.meta.block_filling(volume, lba),
         }
     }
 
@@ -83,7 +83,7 @@ impl Txn<'_> {
                 return Ok(*v);
             }
         }
-        self.meta.record(key)
+        self.meta.record_filling(key)
     }
 
     /// Add a freshly written record (no references yet).
@@ -173,26 +173,10 @@ impl Txn<'_> {
     /// old one is dropped, so content that moves between blocks of the same
     /// batch never passes through a zero count.
     pub fn set_blocks(&mut self, volume: u32, lba0: u64, keys: &[Option<BlockKey>]) -> Result<()> {
-        // One range scan of the store beats a point lookup per block once a
-        // write spans more than a few blocks (a 1 MiB write is 256 of them).
-        let committed: Option<HashMap<u64, BlockKey>> = if keys.len() > 4 {
-            Some(
-                self.meta
-                    .block_range(volume, lba0, lba0 + keys.len() as u64)?
-                    .into_iter()
-                    .collect(),
-            )
-        } else {
-            None
-        };
+        let olds = self.old_mappings(volume, lba0, keys.len())?;
         let mut dropped = Vec::new();
-        for (i, new) in keys.iter().enumerate() {
+        for (i, (new, old)) in keys.iter().zip(olds).enumerate() {
             let lba = lba0 + i as u64;
-            let old = match (self.block_in_overlays(volume, lba), &committed) {
-                (Some(v), _) => v,
-                (None, Some(c)) => c.get(&lba).copied(),
-                (None, None) => self.meta.block(volume, lba)?,
-            };
             if old == *new {
                 continue;
             }
@@ -214,6 +198,44 @@ impl Txn<'_> {
         }
         self.st.cur.touched.insert(volume);
         Ok(())
+    }
+
+    /// Current mappings of `n` blocks from `lba0`: overlays, entry cache,
+    /// then the store — one range scan once more than a few blocks miss (a
+    /// 1 MiB write is 256 blocks), else point reads. Fills the entry cache.
+    fn old_mappings(&self, volume: u32, lba0: u64, n: usize) -> Result<Vec<Option<BlockKey>>> {
+        let mut out = Vec::with_capacity(n);
+        let mut misses = Vec::new();
+        for i in 0..n {
+            let lba = lba0 + i as u64;
+            match self.block_in_overlays(volume, lba) {
+                Some(v) => out.push(v),
+                None => match self.meta.entries.block(volume, lba) {
+                    Some(v) => out.push(v),
+                    None => {
+                        misses.push(i);
+                        out.push(None);
+                    }
+                },
+            }
+        }
+        if misses.len() > 4 {
+            let lo = lba0 + misses[0] as u64;
+            let hi = lba0 + *misses.last().expect("non-empty") as u64 + 1;
+            let found: HashMap<u64, BlockKey> =
+                self.meta.block_range(volume, lo, hi)?.into_iter().collect();
+            for i in misses {
+                let lba = lba0 + i as u64;
+                let v = found.get(&lba).copied();
+                self.meta.entries.fill_block(volume, lba, v);
+                out[i] = v;
+            }
+        } else {
+            for i in misses {
+                out[i] = self.meta.block_filling(volume, lba0 + i as u64)?;
+            }
+        }
+        Ok(out)
     }
 
     pub fn take_nonces(&mut self, n: u64) -> u64 {

@@ -509,11 +509,23 @@ impl Volume {
                 }
             }
         }
+        // Committed entries: the entry cache first, then the store (readers
+        // never fill the cache: see `entry_cache`).
+        let entries = &self.inner.meta.entries;
+        unknown.retain(|&i| match entries.block(self.v.id, lba + i as u64) {
+            Some(v) => {
+                out[i] = v;
+                false
+            }
+            None => true,
+        });
         if unknown.len() > 4 {
+            let lo = lba + unknown[0] as u64;
+            let hi = lba + *unknown.last().expect("non-empty") as u64 + 1;
             let committed: HashMap<u64, BlockKey> = self
                 .inner
                 .meta
-                .block_range(self.v.id, lba, lba + n)?
+                .block_range(self.v.id, lo, hi)?
                 .into_iter()
                 .collect();
             for i in unknown {
@@ -798,7 +810,7 @@ impl Inner {
                 let at = disk.segment_offset(seg.index, seg_size) + start;
                 let (buf, r) = disk
                     .io
-                    .read_at(AlignedBuf::zeroed((end - start) as usize), at)
+                    .read_at(AlignedBuf::recycled((end - start) as usize), at)
                     .await;
                 r.map_err(|e| EngineError::io(format!("reading {}", disk.path.display()), e))?;
                 Ok::<_, EngineError>((start, buf))

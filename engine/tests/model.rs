@@ -287,7 +287,12 @@ fn run_on(backend: Backend, ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    // MODEL_CASES=N runs more sequences than CI's 64 (for changes to metadata caching).
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+        max_shrink_iters: 200,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn model_sim(ops in proptest::collection::vec(op(), 1..60)) {

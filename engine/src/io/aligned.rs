@@ -4,6 +4,12 @@
 //! to the device's logical block size; 4 KiB covers every device we target.
 //! The buffer is owned (not borrowed) so it can travel into a backend and stay
 //! there until the kernel is done with it, whatever happens to the future.
+//!
+//! Buffers of power-of-two capacity go back to a small process-wide free list
+//! when dropped, and [`AlignedBuf::recycled`] takes from it. Segment images
+//! (4 MiB) and their 1 MiB write chunks were freshly allocated and zeroed per
+//! use: the page faults, the kernel's page clearing and the memset were 15%
+//! of ballastd's CPU under 1 MiB sequential writes.
 
 use std::alloc::{self, Layout};
 use std::fmt;
@@ -17,6 +23,40 @@ use super::IO_ALIGN;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Bytes allocated (the layout's size); `len <= cap`.
+    cap: usize,
+}
+
+/// Size classes of the free list: 4 KiB .. 8 MiB, powers of two.
+const MIN_CLASS: u32 = 12;
+const MAX_CLASS: u32 = 23;
+const CLASSES: usize = (MAX_CLASS - MIN_CLASS + 1) as usize;
+/// Bytes each class may keep idle (at least one buffer): bounds the memory
+/// the free list holds to about 12 x 16 MiB in the worst case, and far less
+/// in practice (only the sizes in use fill up).
+const CLASS_BYTES: usize = 16 << 20;
+
+/// Idle allocations by class. Raw pointers: each was allocated with the
+/// layout of its class (size `1 << class`, alignment `IO_ALIGN`) and is owned
+/// by the list until taken.
+struct FreeList {
+    classes: [parking_lot::Mutex<Vec<NonNull<u8>>>; CLASSES],
+}
+
+// SAFETY: the pointers are owned allocations nobody else references; moving
+// them between threads is moving ownership of plain memory.
+unsafe impl Send for FreeList {}
+// SAFETY: every access goes through the per-class mutex.
+unsafe impl Sync for FreeList {}
+
+static FREE: FreeList = FreeList {
+    classes: [const { parking_lot::Mutex::new(Vec::new()) }; CLASSES],
+};
+
+/// The class whose capacity holds `len`, if the free list serves that size.
+fn class_of(len: usize) -> Option<u32> {
+    let c = len.next_power_of_two().trailing_zeros().max(MIN_CLASS);
+    (c <= MAX_CLASS).then_some(c)
 }
 
 // SAFETY: `AlignedBuf` owns its allocation exclusively (like `Box<[u8]>`); the
@@ -37,13 +77,36 @@ impl AlignedBuf {
             len > 0 && len.is_multiple_of(IO_ALIGN),
             "AlignedBuf length {len} must be a non-zero multiple of {IO_ALIGN}"
         );
-        let layout = Self::layout(len);
-        // SAFETY: `layout` has a non-zero size (checked above).
+        Self::alloc_zeroed(len, len)
+    }
+
+    /// A buffer of `len` bytes whose contents are unspecified (initialised,
+    /// but possibly an earlier user's data): for reads that fill it and
+    /// writes that overwrite it whole. Reuses an idle allocation if any.
+    pub fn recycled(len: usize) -> AlignedBuf {
+        assert!(
+            len > 0 && len.is_multiple_of(IO_ALIGN),
+            "AlignedBuf length {len} must be a non-zero multiple of {IO_ALIGN}"
+        );
+        let Some(class) = class_of(len) else {
+            return Self::zeroed(len);
+        };
+        let cap = 1usize << class;
+        match FREE.classes[(class - MIN_CLASS) as usize].lock().pop() {
+            Some(ptr) => AlignedBuf { ptr, len, cap },
+            None => Self::alloc_zeroed(len, cap),
+        }
+    }
+
+    fn alloc_zeroed(len: usize, cap: usize) -> AlignedBuf {
+        let layout = Self::layout(cap);
+        // SAFETY: `layout` has a non-zero size (callers check `len > 0`, and
+        // `cap >= len`).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout)
         };
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap }
     }
 
     fn layout(len: usize) -> Layout {
@@ -62,8 +125,8 @@ impl AlignedBuf {
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `len` initialised (zeroed at allocation)
-        // bytes that we own; the borrow of `self` keeps them alive and
+        // SAFETY: `ptr` points to `cap >= len` initialised bytes (zeroed at
+        // allocation, written only through safe slices since) that we own; the borrow of `self` keeps them alive and
         // prevents mutation for the slice's lifetime.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
@@ -87,9 +150,20 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated in `zeroed` with exactly this layout and
-        // is freed only here, once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        if self.cap.is_power_of_two() {
+            if let Some(class) = class_of(self.cap) {
+                let mut list = FREE.classes[(class - MIN_CLASS) as usize].lock();
+                if list.is_empty() || (list.len() + 1) * self.cap <= CLASS_BYTES {
+                    // The allocation has exactly its class's layout, so a
+                    // later `recycled` may adopt it.
+                    list.push(self.ptr);
+                    return;
+                }
+            }
+        }
+        // SAFETY: `ptr` was allocated in `alloc_zeroed` with the layout of
+        // `cap` and is freed only here, once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
     }
 }
 
@@ -128,6 +202,31 @@ mod tests {
             b[len - 1] = 7;
             b.as_mut_slice()[0] = 9;
             assert_eq!((b.as_slice()[0], b[len - 1]), (9, 7));
+        }
+    }
+
+    #[test]
+    fn size_classes() {
+        assert_eq!(class_of(4096), Some(12));
+        assert_eq!(class_of(8192), Some(13));
+        assert_eq!(class_of(3 * 4096), Some(14));
+        assert_eq!(class_of(4 << 20), Some(22));
+        assert_eq!(class_of(8 << 20), Some(23));
+        assert_eq!(class_of((8 << 20) + 4096), None);
+    }
+
+    #[test]
+    fn recycled_buffers_are_sized_aligned_and_reusable() {
+        // Other tests share the free list, so only what holds whatever they
+        // do is asserted: length, alignment, and writable to the end.
+        for len in [IO_ALIGN, 5 * IO_ALIGN, (1 << 20) + IO_ALIGN, 16 << 20] {
+            for _ in 0..3 {
+                let mut b = AlignedBuf::recycled(len);
+                assert_eq!(b.len(), len);
+                assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
+                b[len - 1] = 7;
+                assert_eq!(b.as_slice()[len - 1], 7);
+            }
         }
     }
 

@@ -1,0 +1,155 @@
+//! Decoded, committed metadata entries — block-map mappings and record-index
+//! entries — in front of the metadata store.
+//!
+//! Every block written looks up the block's old mapping and, on an
+//! overwrite, the old record's reference count: two point reads of the LSM
+//! store, about 3 µs each (memtable skiplists, table filters, index and data
+//! block searches), which were half of ballastd's CPU under sequential and
+//! random overwrites. Recently used entries answer from here instead.
+//!
+//! Coherence: the cache only ever holds what the store holds.
+//! - A commit applies its frozen overlay here after its batch is in the store
+//!   and before it publishes (drops the frozen overlay). Until then the
+//!   frozen overlay shadows these keys for every lookup, so nobody reads them
+//!   from here half-updated.
+//! - A miss is filled from the store only by writers holding the state lock
+//!   (`Txn`) and only for keys in neither overlay: such a key cannot change in
+//!   the store meanwhile (only frozen-overlay keys do), and the lock orders
+//!   the fill before any later change to the key. Readers that leave the
+//!   lock before going to the store never fill.
+//! - Negative entries ("unmapped", "no such record") are cached too;
+//!   volume ids are never reused, so a deleted volume's entries just age out.
+
+use crate::key::{BlockKey, RecordMeta};
+use crate::state::Overlay;
+use quick_cache::sync::Cache;
+use quick_cache::UnitWeighter;
+
+/// Bytes one cached entry costs, key, value and the cache's bookkeeping.
+const ENTRY_BYTES: u64 = 96;
+
+pub(crate) struct EntryCache {
+    blocks: Option<Cache<(u32, u64), Option<BlockKey>, UnitWeighter>>,
+    records: Option<Cache<BlockKey, Option<RecordMeta>, UnitWeighter>>,
+}
+
+impl EntryCache {
+    /// Half of `bytes` for each kind; below 1 MiB the cache is off.
+    pub fn new(bytes: u64) -> EntryCache {
+        let per_kind = (bytes / 2 / ENTRY_BYTES) as usize;
+        if bytes < 1 << 20 || per_kind == 0 {
+            return EntryCache {
+                blocks: None,
+                records: None,
+            };
+        }
+        EntryCache {
+            blocks: Some(Cache::new(per_kind)),
+            records: Some(Cache::new(per_kind)),
+        }
+    }
+
+    /// `Some(mapping)` if cached (the mapping itself may be "unmapped").
+    pub fn block(&self, volume: u32, lba: u64) -> Option<Option<BlockKey>> {
+        self.blocks.as_ref()?.get(&(volume, lba))
+    }
+
+    pub fn record(&self, key: &BlockKey) -> Option<Option<RecordMeta>> {
+        self.records.as_ref()?.get(key)
+    }
+
+    /// Fill after a store read; see the module comment for who may.
+    pub fn fill_block(&self, volume: u32, lba: u64, v: Option<BlockKey>) {
+        if let Some(c) = &self.blocks {
+            c.insert((volume, lba), v);
+        }
+    }
+
+    pub fn fill_record(&self, key: BlockKey, v: Option<RecordMeta>) {
+        if let Some(c) = &self.records {
+            c.insert(key, v);
+        }
+    }
+
+    /// A committed overlay: its changes are now what the store holds.
+    pub fn apply(&self, ov: &Overlay) {
+        if let Some(c) = &self.blocks {
+            for (&k, &v) in &ov.blocks {
+                c.insert(k, v);
+            }
+        }
+        if let Some(c) = &self.records {
+            for (&k, &v) in &ov.records {
+                c.insert(k, v);
+            }
+        }
+    }
+
+    /// Approximate memory held.
+    pub fn memory_bytes(&self) -> u64 {
+        let (b, r) = self.len();
+        (b + r) as u64 * ENTRY_BYTES
+    }
+
+    /// Entries held (blocks, records).
+    pub fn len(&self) -> (usize, usize) {
+        (
+            self.blocks.as_ref().map_or(0, |c| c.len()),
+            self.records.as_ref().map_or(0, |c| c.len()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::SegmentId;
+
+    fn key(b: u8) -> BlockKey {
+        BlockKey {
+            hash: [b; 32],
+            nonce: 0,
+        }
+    }
+
+    fn meta(refs: u32) -> RecordMeta {
+        RecordMeta {
+            segment: SegmentId { disk: 0, index: 1 },
+            offset: 64,
+            stored_len: 100,
+            raw_len: 4096,
+            refs,
+        }
+    }
+
+    #[test]
+    fn apply_overrides_fills_including_removals() {
+        let c = EntryCache::new(4 << 20);
+        c.fill_block(1, 7, Some(key(1)));
+        c.fill_block(1, 8, None);
+        c.fill_record(key(1), Some(meta(1)));
+        assert_eq!(c.block(1, 7), Some(Some(key(1))));
+        assert_eq!(c.block(1, 8), Some(None));
+        assert_eq!(c.block(1, 9), None, "never seen: not cached");
+
+        let mut ov = Overlay::default();
+        ov.blocks.insert((1, 7), None);
+        ov.blocks.insert((1, 8), Some(key(2)));
+        ov.records.insert(key(1), None);
+        ov.records.insert(key(2), Some(meta(1)));
+        c.apply(&ov);
+        assert_eq!(c.block(1, 7), Some(None));
+        assert_eq!(c.block(1, 8), Some(Some(key(2))));
+        assert_eq!(c.record(&key(1)), Some(None));
+        assert_eq!(c.record(&key(2)), Some(Some(meta(1))));
+        assert_eq!(c.len(), (2, 2));
+    }
+
+    #[test]
+    fn tiny_budget_disables_the_cache() {
+        let c = EntryCache::new(1000);
+        c.fill_block(1, 1, Some(key(1)));
+        assert_eq!(c.block(1, 1), None);
+        assert_eq!(c.len(), (0, 0));
+    }
+}
