@@ -110,6 +110,9 @@ pub(crate) struct Closed {
     pub dirty: bool,
 }
 
+/// Writes at least this large run on their own task (see `handle_write`).
+const OFFLOAD_WRITE_BYTES: usize = 64 << 10;
+
 struct Reader<'a, R> {
     rd: R,
     peer: SocketAddr,
@@ -370,29 +373,36 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                     self.stop.cancel();
                 }
             }
-            Poll::Pending => {
-                let tx = self.tx.clone();
-                let stop = self.stop.clone();
-                let (handle, offset) = (req.handle, req.offset);
-                tokio::spawn(async move {
-                    let r = fut.await;
-                    if is_gone(&r) {
-                        // The reader stops; this reply still goes out first
-                        // (the writer drains every queued reply).
-                        stop.cancel();
-                    }
-                    let body = finish(r);
-                    let _ = tx
-                        .send(Reply {
-                            handle,
-                            offset,
-                            body,
-                            permits,
-                        })
-                        .await;
-                });
-            }
+            Poll::Pending => self.finish_in_task(req, permits, fut, finish),
         }
+    }
+
+    /// Runs `fut` to completion on its own task and replies from there.
+    fn finish_in_task<T, F>(&self, req: &Request, permits: Permits, fut: ExportFuture<T>, finish: F)
+    where
+        T: Send + 'static,
+        F: FnOnce(Result<T, ExportError>) -> Body + Send + 'static,
+    {
+        let tx = self.tx.clone();
+        let stop = self.stop.clone();
+        let (handle, offset) = (req.handle, req.offset);
+        tokio::spawn(async move {
+            let r = fut.await;
+            if is_gone(&r) {
+                // The reader stops; this reply still goes out first
+                // (the writer drains every queued reply).
+                stop.cancel();
+            }
+            let body = finish(r);
+            let _ = tx
+                .send(Reply {
+                    handle,
+                    offset,
+                    body,
+                    permits,
+                })
+                .await;
+        });
     }
 
     async fn handle(&mut self, req: Request) -> Result<(), End> {
@@ -630,8 +640,20 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             return Ok(());
         }
         self.dirty = true;
-        let fut = self.export.write(req.offset, data, fua);
-        self.start(&req, permits, fut, status_body).await;
+        if data.len() >= OFFLOAD_WRITE_BYTES {
+            // The export hashes and compresses a write before its future
+            // exists; for a large one, do that on another task so this
+            // connection reads the next payload meanwhile (a single
+            // connection's sequential writes then use more than one core).
+            let export = self.export.clone();
+            let offset = req.offset;
+            let fut: ExportFuture<()> =
+                Box::pin(async move { export.write(offset, data, fua).await });
+            self.finish_in_task(&req, permits, fut, status_body);
+        } else {
+            let fut = self.export.write(req.offset, data, fua);
+            self.start(&req, permits, fut, status_body).await;
+        }
         Ok(())
     }
 }
