@@ -71,8 +71,9 @@ fn bench_dir() -> tempfile::TempDir {
     }
 }
 
-async fn open(dir: &std::path::Path) -> (Engine, Volume) {
+async fn open(dir: &std::path::Path, read_cache_bytes: u64) -> (Engine, Volume) {
     let mut cfg = EngineConfig::new(dir.join("data"));
+    cfg.read_cache_bytes = read_cache_bytes;
     cfg.disks = vec![ballast_engine::DiskSpec {
         path: dir.join("disk0.img"),
         create_size: Some(16 << 30),
@@ -180,7 +181,9 @@ fn engine_paths(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = bench_dir();
-    let (engine, vol) = rt.block_on(open(dir.path()));
+    // Writes run with the default read cache, as ballastd does (each write
+    // also caches its blocks).
+    let (engine, vol) = rt.block_on(open(dir.path(), EngineConfig::new("").read_cache_bytes));
     eprintln!("engine backend: {}", engine.backend_name());
     let mut g = c.benchmark_group("engine");
     g.sample_size(10)
@@ -202,8 +205,13 @@ fn engine_paths(c: &mut Criterion) {
             })
         });
     }
-    // Reads of data that is on disk, not in a segment image: fill a 1 GiB
-    // span, flush, and let the reads hit the disk with O_DIRECT.
+    rt.block_on(engine.shutdown()).unwrap();
+    drop(dir);
+    // Reads of data that is on disk, not in a segment image or a read cache:
+    // a second engine without read cache; fill a 1 GiB span, flush, and let
+    // the reads hit the disk with O_DIRECT (metadata stays cached).
+    let dir = bench_dir();
+    let (engine, vol) = rt.block_on(open(dir.path(), 0));
     rt.block_on(async {
         writes(&vol, 1024, 1 << 20, Data::Compressible, false, 99).await;
         engine.flush().await.unwrap();

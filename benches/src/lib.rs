@@ -1,19 +1,25 @@
 //! Ballast benchmarks. Criterion micro-benchmarks live in `benches/`; the
 //! binaries in `src/bin/` measure what criterion cannot: space efficiency on
-//! real data (`space_efficiency`) and memory per TiB of unique data
-//! (`memory_scale`). Shared helpers for those binaries are here.
+//! real data (`space_efficiency`), memory per TiB of unique data
+//! (`memory_scale`) and foreground throughput under cleaning
+//! (`cleaner_throttle`). Shared helpers for those binaries are here.
 
 use ballast_engine::{DiskSpec, Engine, EngineConfig};
 use std::path::Path;
 
-/// Open an engine on a sparse disk file under `dir`.
-pub async fn open_engine(dir: &Path, disk_size: u64) -> anyhow::Result<Engine> {
+/// The configuration of an engine on a sparse disk file under `dir`.
+pub fn engine_config(dir: &Path, disk_size: u64) -> EngineConfig {
     let mut cfg = EngineConfig::new(dir.join("data"));
     cfg.disks = vec![DiskSpec {
         path: dir.join("disk0.img"),
         create_size: Some(disk_size),
     }];
-    Ok(Engine::open(cfg).await?)
+    cfg
+}
+
+/// Open an engine on a sparse disk file under `dir`.
+pub async fn open_engine(dir: &Path, disk_size: u64) -> anyhow::Result<Engine> {
+    Ok(Engine::open(engine_config(dir, disk_size)).await?)
 }
 
 /// Resident and peak resident memory of this process, in bytes.

@@ -1,0 +1,152 @@
+//! Foreground write throughput while the cleaner reclaims space, against the
+//! same workload with the cleaner idle: the engine issue asks that cleaning
+//! leave foreground I/O at least 80% of its throughput.
+//!
+//! Fills a 1 GiB volume with unique data, then alternates ROUNDS (default 3)
+//! pairs of SECS-second (default 5) phases of random 4 KiB unique overwrites
+//! at queue depth 32: one with no cleaning, one with cleaning passes running
+//! back to back beside it (more often than the background cleaner's every
+//! two seconds: a worst case). The overwrites keep creating dead records, so
+//! every cleaning phase finds segments to clean. Prints IOPS per phase, the
+//! segments the cleaner freed, and the ratio of the medians.
+//!
+//!     cargo run --release -p ballast-benches --bin cleaner_throttle -- 3 5
+
+use ballast_engine::{Engine, Volume, VolumeOptions};
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const VOLUME: u64 = 1 << 30;
+const QD: usize = 32;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A unique, half-compressible block.
+    fn block(&mut self, len: usize) -> Bytes {
+        let mut b = vec![b'z'; len];
+        for c in b[..len / 2].chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+        Bytes::from(b)
+    }
+}
+
+/// Random 4 KiB overwrites for `secs`; returns IOPS.
+async fn overwrite(vol: &Volume, rng: &mut Rng, secs: Duration) -> anyhow::Result<f64> {
+    let blocks = VOLUME / 4096;
+    let mut inflight = FuturesUnordered::new();
+    let mut done = 0u64;
+    let t0 = Instant::now();
+    while t0.elapsed() < secs {
+        inflight.push(vol.write((rng.next() % blocks) * 4096, rng.block(4096), false));
+        if inflight.len() >= QD {
+            inflight.next().await.expect("non-empty")?;
+            done += 1;
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+        done += 1;
+    }
+    Ok(done as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Cleaning passes back to back until `stop`; counts segments emptied.
+async fn clean_until(engine: Engine, stop: Arc<AtomicBool>, freed: Arc<AtomicUsize>) {
+    while !stop.load(Ordering::Relaxed) {
+        match engine.clean_now(false).await {
+            Ok(0) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(n) => {
+                freed.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                eprintln!("cleaning pass failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    ballast_benches::limit_malloc_arenas();
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let secs = Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(5));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir_in(
+        std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
+    )?;
+    rt.block_on(async {
+        let mut cfg = ballast_benches::engine_config(dir.path(), 16 << 30);
+        // Cleaning runs only when this benchmark says so.
+        cfg.cleaner = false;
+        let engine = Engine::open(cfg).await?;
+        engine
+            .create_volume("c", VolumeOptions::new(VOLUME))
+            .await?;
+        let vol = engine.open_volume("c")?;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut inflight = FuturesUnordered::new();
+        for m in 0..(VOLUME >> 20) {
+            let mut buf = Vec::with_capacity(1 << 20);
+            for _ in 0..256 {
+                buf.extend_from_slice(&rng.block(4096));
+            }
+            inflight.push(vol.write(m << 20, Bytes::from(buf), false));
+            if inflight.len() >= 8 {
+                inflight.next().await.expect("non-empty")?;
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            r?;
+        }
+        engine.flush().await?;
+        println!("| round | idle cleaner IOPS | cleaning IOPS | segments freed | free segments after |");
+        println!("|---|---|---|---|---|");
+        let (mut idle, mut busy) = (Vec::new(), Vec::new());
+        let mut total_freed = 0;
+        for round in 1..=rounds {
+            let a = overwrite(&vol, &mut rng, secs).await?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let freed = Arc::new(AtomicUsize::new(0));
+            let cleaner = tokio::spawn(clean_until(engine.clone(), stop.clone(), freed.clone()));
+            let b = overwrite(&vol, &mut rng, secs).await?;
+            stop.store(true, Ordering::Relaxed);
+            cleaner.await?;
+            let n = freed.load(Ordering::Relaxed);
+            total_freed += n;
+            println!(
+                "| {round} | {a:.0} | {b:.0} | {n} | {} |",
+                engine.free_segments()
+            );
+            idle.push(a);
+            busy.push(b);
+        }
+        let (mi, mb) = (median(&mut idle), median(&mut busy));
+        println!(
+            "\nmedian IOPS: {mi:.0} without cleaning, {mb:.0} while cleaning: {:.0}% kept; {total_freed} segments freed",
+            100.0 * mb / mi
+        );
+        anyhow::ensure!(total_freed > 0, "the cleaner found nothing to clean: the benchmark measured nothing");
+        engine.shutdown().await?;
+        Ok(())
+    })
+}
