@@ -2,8 +2,8 @@
 //!
 //! A block key names immutable content (blake3 + nonce), so an entry never
 //! goes stale: no invalidation on overwrite, trim or cleaner moves. Keys are
-//! shared across volumes, so deduplicated content is cached once. Writes
-//! populate it too (zero-copy slices of the written buffer), which serves
+//! shared across volumes, so deduplicated content is cached once. Writes up
+//! to 256 KiB populate it too (see `Volume::write_blocks`), which serves
 //! read-after-write from memory.
 
 use crate::key::BlockKey;

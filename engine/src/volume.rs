@@ -380,9 +380,17 @@ impl Volume {
             }
             for (i, k) in keys.iter().enumerate() {
                 if let Some(k) = k {
-                    self.inner
-                        .read_cache
-                        .insert(*k, data.slice(i * bs..(i + 1) * bs));
+                    // A one-block write caches its own buffer; blocks of a
+                    // longer one are copied out, because a slice would keep
+                    // the whole request buffer alive for as long as any of
+                    // its blocks stays cached, far beyond what the cache
+                    // counts against its budget.
+                    let block = if n == 1 {
+                        data.clone()
+                    } else {
+                        Bytes::copy_from_slice(&data[i * bs..(i + 1) * bs])
+                    };
+                    self.inner.read_cache.insert(*k, block);
                 }
             }
             return Ok(());
