@@ -22,6 +22,23 @@ pub async fn open_engine(dir: &Path, disk_size: u64) -> anyhow::Result<Engine> {
     Ok(Engine::open(engine_config(dir, disk_size)).await?)
 }
 
+/// The runtime the benchmark binaries drive the engine with: two workers,
+/// like this machine's two cores and ballastd's default.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// A scratch folder for an engine's disk and metadata, under
+/// `BALLAST_BENCH_DIR` if set (pick a real disk: /tmp may be tmpfs).
+pub fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
+    Ok(tempfile::tempdir_in(
+        std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
+    )?)
+}
+
 /// Resident and peak resident memory of this process, in bytes.
 pub fn rss() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

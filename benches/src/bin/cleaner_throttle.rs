@@ -87,13 +87,8 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let secs = Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(5));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let dir = tempfile::tempdir_in(
-        std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
-    )?;
+    let rt = ballast_benches::runtime()?;
+    let dir = ballast_benches::scratch_dir()?;
     rt.block_on(async {
         let mut cfg = ballast_benches::engine_config(dir.path(), 16 << 30);
         // Cleaning runs only when this benchmark says so.

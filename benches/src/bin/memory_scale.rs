@@ -19,13 +19,8 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(4);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let dir = tempfile::tempdir_in(
-        std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
-    )?;
+    let rt = ballast_benches::runtime()?;
+    let dir = ballast_benches::scratch_dir()?;
     rt.block_on(async {
         let engine = ballast_benches::open_engine(dir.path(), (gib + 4) << 30).await?;
         let (rss0, _) = ballast_benches::rss();

@@ -22,13 +22,8 @@ fn main() -> anyhow::Result<()> {
         !files.is_empty(),
         "usage: space_efficiency IMAGE [IMAGE...]"
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let dir = tempfile::tempdir_in(
-        std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
-    )?;
+    let rt = ballast_benches::runtime()?;
+    let dir = ballast_benches::scratch_dir()?;
     rt.block_on(async {
         let engine = ballast_benches::open_engine(dir.path(), 64 << 30).await?;
         let mut seen: HashSet<[u8; 32]> = HashSet::new();
