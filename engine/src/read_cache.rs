@@ -2,9 +2,9 @@
 //!
 //! A block key names immutable content (blake3 + nonce), so an entry never
 //! goes stale: no invalidation on overwrite, trim or cleaner moves. Keys are
-//! shared across volumes, so deduplicated content is cached once. Writes up
-//! to 256 KiB populate it too (see `Volume::write_blocks`), which serves
-//! read-after-write from memory.
+//! shared across volumes, so deduplicated content is cached once. Writes
+//! populate it too (see `Volume::write_blocks`: large ones only while it has
+//! room), which serves read-after-write from memory.
 
 use crate::key::BlockKey;
 use bytes::Bytes;
@@ -40,6 +40,13 @@ impl ReadCache {
         if let Some(c) = &self.cache {
             c.insert(key, block);
         }
+    }
+
+    /// Whether `bytes` more fit without evicting anything.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.cache
+            .as_ref()
+            .is_some_and(|c| c.weight() + bytes <= c.capacity())
     }
 
     /// Bytes currently held.

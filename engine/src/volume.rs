@@ -32,12 +32,12 @@ pub type EngineFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'stat
 pub const MAX_IO: u64 = 32 << 20;
 /// Records closer than this on disk are fetched with one read.
 const COALESCE_GAP: u64 = 64 << 10;
-/// Writes up to this size also put their blocks in the read cache (read
-/// after write from memory). Larger ones are streaming writes — copies,
-/// backups, image uploads — that would push the random working set out of
-/// the cache (bcache and dm-cache bypass sequential streams for the same
-/// reason); and while the cache is still growing, each cached write needs
-/// fresh pages from the kernel, which cost ~45% of 1 MiB write throughput.
+/// Writes up to this size put their blocks in the read cache (read after
+/// write from memory). Larger ones are often streams — copies, backups,
+/// image uploads — that would push the random working set out of the cache
+/// (bcache and dm-cache bypass sequential streams for the same reason): they
+/// are cached only while the cache has free room, so a bulk load is
+/// readable from memory afterwards but never evicts what is already cached.
 const CACHE_WRITES_UP_TO: usize = 256 << 10;
 /// Unmaps hold the state lock for at most this many blocks at a time.
 const UNMAP_CHUNK: u64 = 64 * 1024;
@@ -375,7 +375,8 @@ impl Volume {
             }
             tx.set_blocks(self.v.id, lba0, &keys)?;
             drop(st);
-            if data.len() > CACHE_WRITES_UP_TO {
+            if data.len() > CACHE_WRITES_UP_TO && !self.inner.read_cache.has_room(data.len() as u64)
+            {
                 return Ok(());
             }
             for (i, k) in keys.iter().enumerate() {
