@@ -29,6 +29,14 @@ pub(crate) struct Meta {
     pub entries: EntryCache,
 }
 
+/// Whether a store read may fill the entry cache: only for writers holding
+/// the state lock, for keys in neither overlay (see `entry_cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CacheFill {
+    Allowed,
+    Never,
+}
+
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DiskRecord {
     pub disk_id: u32,
@@ -147,16 +155,9 @@ impl Meta {
         }
     }
 
-    /// The committed mapping of one block (entry cache, then store).
-    pub fn block(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
-        match self.entries.block(volume, lba) {
-            Some(v) => Ok(v),
-            None => self.block_from_store(volume, lba),
-        }
-    }
-
-    /// As `block`, filling the entry cache on a miss: only for callers that
-    /// hold the state lock and found the key in neither overlay.
+    /// The committed mapping of one block (entry cache, then store), filling
+    /// the entry cache on a miss: only for callers that hold the state lock
+    /// and found the key in neither overlay.
     pub fn block_filling(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
         if let Some(v) = self.entries.block(volume, lba) {
             return Ok(v);
@@ -164,6 +165,48 @@ impl Meta {
         let v = self.block_from_store(volume, lba)?;
         self.entries.fill_block(volume, lba, v);
         Ok(v)
+    }
+
+    /// The committed mappings of blocks `lba0 + i`, for each `i` in
+    /// `misses`, into `out[i]`: entry cache, then the store — one range scan
+    /// once more than four miss (a 1 MiB write is 256 blocks), else point
+    /// reads. `fill` says whether store reads may fill the entry cache (see
+    /// `entry_cache` for who may).
+    pub fn committed_blocks(
+        &self,
+        volume: u32,
+        lba0: u64,
+        misses: &[usize],
+        out: &mut [Option<BlockKey>],
+        fill: CacheFill,
+    ) -> Result<()> {
+        let mut rest = Vec::with_capacity(misses.len());
+        for &i in misses {
+            match self.entries.block(volume, lba0 + i as u64) {
+                Some(v) => out[i] = v,
+                None => rest.push(i),
+            }
+        }
+        let found: Option<std::collections::HashMap<u64, BlockKey>> = match rest[..] {
+            [first, .., last] if rest.len() > 4 => Some(
+                self.block_range(volume, lba0 + first as u64, lba0 + last as u64 + 1)?
+                    .into_iter()
+                    .collect(),
+            ),
+            _ => None,
+        };
+        for i in rest {
+            let lba = lba0 + i as u64;
+            let v = match &found {
+                Some(f) => f.get(&lba).copied(),
+                None => self.block_from_store(volume, lba)?,
+            };
+            if matches!(fill, CacheFill::Allowed) {
+                self.entries.fill_block(volume, lba, v);
+            }
+            out[i] = v;
+        }
+        Ok(())
     }
 
     fn block_from_store(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {

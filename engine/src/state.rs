@@ -8,7 +8,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::key::{BlockKey, RecordMeta, SegmentId};
-use crate::meta::{Counters, Meta};
+use crate::meta::{CacheFill, Counters, Meta};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -205,41 +205,19 @@ impl Txn<'_> {
         Ok(())
     }
 
-    /// Current mappings of `n` blocks from `lba0`: overlays, entry cache,
-    /// then the store — one range scan once more than a few blocks miss (a
-    /// 1 MiB write is 256 blocks), else point reads. Fills the entry cache.
+    /// Current mappings of `n` blocks from `lba0`: overlays, then the
+    /// committed entries (filling the entry cache).
     fn old_mappings(&self, volume: u32, lba0: u64, n: usize) -> Result<Vec<Option<BlockKey>>> {
-        let mut out = Vec::with_capacity(n);
+        let mut out = vec![None; n];
         let mut misses = Vec::new();
-        for i in 0..n {
-            let lba = lba0 + i as u64;
-            match self.block_in_overlays(volume, lba) {
-                Some(v) => out.push(v),
-                None => match self.meta.entries.block(volume, lba) {
-                    Some(v) => out.push(v),
-                    None => {
-                        misses.push(i);
-                        out.push(None);
-                    }
-                },
+        for (i, slot) in out.iter_mut().enumerate() {
+            match self.block_in_overlays(volume, lba0 + i as u64) {
+                Some(v) => *slot = v,
+                None => misses.push(i),
             }
         }
-        if misses.len() > 4 {
-            let lo = lba0 + misses[0] as u64;
-            let hi = lba0 + *misses.last().expect("non-empty") as u64 + 1;
-            let found: HashMap<u64, BlockKey> =
-                self.meta.block_range(volume, lo, hi)?.into_iter().collect();
-            for i in misses {
-                let lba = lba0 + i as u64;
-                let v = found.get(&lba).copied();
-                self.meta.entries.fill_block(volume, lba, v);
-                out[i] = v;
-            }
-        } else {
-            for i in misses {
-                out[i] = self.meta.block_filling(volume, lba0 + i as u64)?;
-            }
-        }
+        self.meta
+            .committed_blocks(volume, lba0, &misses, &mut out, CacheFill::Allowed)?;
         Ok(out)
     }
 

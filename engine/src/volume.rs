@@ -16,7 +16,7 @@ use crate::engine::{Engine, Inner};
 use crate::error::{EngineError, Result};
 use crate::io::{AlignedBuf, IO_ALIGN};
 use crate::key::{BlockKey, RecordMeta};
-use crate::meta::VolumeRecord;
+use crate::meta::{CacheFill, VolumeRecord};
 use crate::record::{self, HEADER_LEN};
 use crate::state::Txn;
 use bytes::{Bytes, BytesMut};
@@ -528,33 +528,10 @@ impl Volume {
                 }
             }
         }
-        // Committed entries: the entry cache first, then the store (readers
-        // never fill the cache: see `entry_cache`).
-        let entries = &self.inner.meta.entries;
-        unknown.retain(|&i| match entries.block(self.v.id, lba + i as u64) {
-            Some(v) => {
-                out[i] = v;
-                false
-            }
-            None => true,
-        });
-        if unknown.len() > 4 {
-            let lo = lba + unknown[0] as u64;
-            let hi = lba + *unknown.last().expect("non-empty") as u64 + 1;
-            let committed: HashMap<u64, BlockKey> = self
-                .inner
-                .meta
-                .block_range(self.v.id, lo, hi)?
-                .into_iter()
-                .collect();
-            for i in unknown {
-                out[i] = committed.get(&(lba + i as u64)).copied();
-            }
-        } else {
-            for i in unknown {
-                out[i] = self.inner.meta.block(self.v.id, lba + i as u64)?;
-            }
-        }
+        // Readers never fill the entry cache: they left the state lock.
+        self.inner
+            .meta
+            .committed_blocks(self.v.id, lba, &unknown, &mut out, CacheFill::Never)?;
         Ok(out)
     }
 

@@ -126,8 +126,9 @@ impl AlignedBuf {
 
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` points to `cap >= len` initialised bytes (zeroed at
-        // allocation, written only through safe slices since) that we own; the borrow of `self` keeps them alive and
-        // prevents mutation for the slice's lifetime.
+        // allocation, written only through safe slices since) that we own;
+        // the borrow of `self` keeps them alive and prevents mutation for the
+        // slice's lifetime.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
