@@ -410,10 +410,7 @@ impl Family {
 /// The family described by the attributes of a GETFAMILY reply; `None`
 /// without a family id. Groups lacking a name or an id are skipped.
 pub fn family_of(attrs: &[(u16, Vec<u8>)]) -> Option<Family> {
-    let id = attrs
-        .iter()
-        .find(|(k, _)| *k & 0x3fff == CTRL_ATTR_FAMILY_ID)
-        .and_then(|(_, v)| u16_of(v))?;
+    let id = find_attr(attrs, CTRL_ATTR_FAMILY_ID).and_then(u16_of)?;
     let mut mcast_groups = Vec::new();
     for (_, groups) in attrs
         .iter()
@@ -421,14 +418,8 @@ pub fn family_of(attrs: &[(u16, Vec<u8>)]) -> Option<Family> {
     {
         for (_, item) in parse_nested(groups) {
             let fields = parse_nested(&item);
-            let name = fields
-                .iter()
-                .find(|(k, _)| *k == CTRL_ATTR_MCAST_GRP_NAME)
-                .map(|(_, v)| c_string(v));
-            let gid = fields
-                .iter()
-                .find(|(k, _)| *k == CTRL_ATTR_MCAST_GRP_ID)
-                .and_then(|(_, v)| u32_of(v));
+            let name = find_attr(&fields, CTRL_ATTR_MCAST_GRP_NAME).map(c_string);
+            let gid = find_attr(&fields, CTRL_ATTR_MCAST_GRP_ID).and_then(u32_of);
             if let (Some(name), Some(gid)) = (name, gid) {
                 mcast_groups.push((name, gid));
             }
@@ -492,10 +483,15 @@ pub fn link_dead_index(msg: &RawGenlMessage, family: u16) -> Option<u32> {
     if msg.nl_type != family || msg.cmd != cmd::LINK_DEAD {
         return None;
     }
-    msg.attrs
+    find_attr(&msg.attrs, attr::INDEX).and_then(u32_of)
+}
+
+/// The payload of the first attribute of `kind` (flag bits ignored).
+fn find_attr(attrs: &[(u16, Vec<u8>)], kind: u16) -> Option<&[u8]> {
+    attrs
         .iter()
-        .find(|(k, _)| *k == attr::INDEX)
-        .and_then(|(_, v)| u32_of(v))
+        .find(|(k, _)| *k & 0x3fff == kind)
+        .map(|(_, v)| v.as_slice())
 }
 
 fn u16_of(b: &[u8]) -> Option<u16> {
@@ -536,14 +532,9 @@ pub fn parse_status(replies: &[ReplyAttrs]) -> Vec<(u32, bool)> {
                 continue;
             }
             let fields = parse_nested(&item);
-            let index = fields
-                .iter()
-                .find(|(k, _)| *k == DEVICE_INDEX)
-                .and_then(|(_, v)| u32_of(v));
-            let connected = fields
-                .iter()
-                .find(|(k, _)| *k == DEVICE_CONNECTED)
-                .is_some_and(|(_, v)| v.first().copied().unwrap_or(0) != 0);
+            let index = find_attr(&fields, DEVICE_INDEX).and_then(u32_of);
+            let connected = find_attr(&fields, DEVICE_CONNECTED)
+                .is_some_and(|v| v.first().copied().unwrap_or(0) != 0);
             if let Some(i) = index {
                 out.push((i, connected));
             }
