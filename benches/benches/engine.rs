@@ -6,6 +6,7 @@
 //! system temp dir) with the io_uring backend when available. Each measured
 //! batch keeps 32 requests in flight, like an NBD client at queue depth 32.
 
+use ballast_benches::Xorshift;
 use ballast_engine::{Compression, Engine, EngineConfig, Volume, VolumeOptions};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -32,35 +33,13 @@ impl Data {
     }
 }
 
-struct Gen(u64);
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, buf: &mut [u8], data: Data) {
-        match data {
-            Data::Unique => {
-                for c in buf.chunks_mut(8) {
-                    let v = self.next().to_le_bytes();
-                    c.copy_from_slice(&v[..c.len()]);
-                }
-            }
-            // One of 16 fixed blocks: almost every write is a dedup hit.
-            Data::Duplicate => {
-                let which = self.next() % 16;
-                let mut g = Gen(which * 7919 + 1);
-                g.fill(buf, Data::Unique);
-            }
-            // Half random, half a repeated byte: lz4 keeps about half.
-            Data::Compressible => {
-                let half = buf.len() / 2;
-                self.fill(&mut buf[..half], Data::Unique);
-                buf[half..].fill(b'z');
-            }
-        }
+/// Fill `buf` with `data` from `g`.
+fn fill(g: &mut Xorshift, buf: &mut [u8], data: Data) {
+    match data {
+        Data::Unique => g.fill(buf),
+        // One of 16 fixed blocks: almost every write is a dedup hit.
+        Data::Duplicate => Xorshift(g.next_u64() % 16 * 7919 + 1).fill(buf),
+        Data::Compressible => g.fill_half_compressible(buf),
     }
 }
 
@@ -106,25 +85,29 @@ async fn writes(
     random: bool,
     seed: u64,
 ) -> Duration {
-    let mut g = Gen(seed | 1);
+    let mut g = Xorshift(seed | 1);
     let slots = VOL / bs as u64;
     let bufs: Vec<Bytes> = (0..256)
         .map(|_| {
             let mut b = vec![0u8; bs];
-            g.fill(&mut b, data);
+            fill(&mut g, &mut b, data);
             Bytes::from(b)
         })
         .collect();
     let mut inflight = FuturesUnordered::new();
     let t = Instant::now();
     for i in 0..iters {
-        let slot = if random { g.next() % slots } else { i % slots };
+        let slot = if random {
+            g.next_u64() % slots
+        } else {
+            i % slots
+        };
         let buf = if matches!(data, Data::Duplicate) {
             bufs[(i % 16) as usize].clone()
         } else {
             // Fresh unique content per write: a new block every time.
             let mut b = bufs[(i % 256) as usize].to_vec();
-            b[..8].copy_from_slice(&g.next().to_le_bytes());
+            b[..8].copy_from_slice(&g.next_u64().to_le_bytes());
             Bytes::from(b)
         };
         inflight.push(v.write(slot * bs as u64, buf, false));
@@ -147,12 +130,16 @@ async fn reads(
     seed: u64,
     qd: usize,
 ) -> Duration {
-    let mut g = Gen(seed | 1);
+    let mut g = Xorshift(seed | 1);
     let slots = span / bs as u64;
     let mut inflight = FuturesUnordered::new();
     let t = Instant::now();
     for i in 0..iters {
-        let slot = if random { g.next() % slots } else { i % slots };
+        let slot = if random {
+            g.next_u64() % slots
+        } else {
+            i % slots
+        };
         // Each read runs as its own task, as the NBD server runs requests.
         inflight.push(tokio::spawn(v.read(slot * bs as u64, bs as u32)));
         if inflight.len() >= qd {
@@ -169,7 +156,7 @@ fn codecs(c: &mut Criterion) {
     let mut g = c.benchmark_group("codec");
     for size in [4096usize, 65536] {
         let mut buf = vec![0u8; size];
-        Gen(7).fill(&mut buf, Data::Compressible);
+        fill(&mut Xorshift(7), &mut buf, Data::Compressible);
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::new("blake3", size), &buf, |b, buf| {
             b.iter(|| blake3::hash(buf))
@@ -275,11 +262,11 @@ fn io_backends(c: &mut Criterion) {
             b.to_async(&rt).iter_custom(|iters| {
                 let disk = disk.clone();
                 async move {
-                    let mut g = Gen(iters | 1);
+                    let mut g = Xorshift(iters | 1);
                     let t = Instant::now();
                     for _ in 0..iters {
                         let (_, r) = disk
-                            .read_at(AlignedBuf::zeroed(4096), (g.next() % 16384) * 4096)
+                            .read_at(AlignedBuf::zeroed(4096), (g.next_u64() % 16384) * 4096)
                             .await;
                         r.unwrap();
                     }

@@ -12,6 +12,7 @@
 //!
 //!     cargo run --release -p ballast-benches --bin cleaner_throttle -- 3 5
 
+use ballast_benches::Xorshift;
 use ballast_engine::{Engine, Volume, VolumeOptions};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -22,33 +23,21 @@ use std::time::{Duration, Instant};
 const VOLUME: u64 = 1 << 30;
 const QD: usize = 32;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// A unique, half-compressible block.
-    fn block(&mut self, len: usize) -> Bytes {
-        let mut b = vec![b'z'; len];
-        for c in b[..len / 2].chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-        Bytes::from(b)
-    }
+/// A unique, half-compressible block.
+fn block(rng: &mut Xorshift, len: usize) -> Bytes {
+    let mut b = vec![0u8; len];
+    rng.fill_half_compressible(&mut b);
+    Bytes::from(b)
 }
 
 /// Random 4 KiB overwrites for `secs`; returns IOPS.
-async fn overwrite(vol: &Volume, rng: &mut Rng, secs: Duration) -> anyhow::Result<f64> {
+async fn overwrite(vol: &Volume, rng: &mut Xorshift, secs: Duration) -> anyhow::Result<f64> {
     let blocks = VOLUME / 4096;
     let mut inflight = FuturesUnordered::new();
     let mut done = 0u64;
     let t0 = Instant::now();
     while t0.elapsed() < secs {
-        inflight.push(vol.write((rng.next() % blocks) * 4096, rng.block(4096), false));
+        inflight.push(vol.write((rng.next_u64() % blocks) * 4096, block(rng, 4096), false));
         if inflight.len() >= QD {
             inflight.next().await.expect("non-empty")?;
             done += 1;
@@ -98,12 +87,12 @@ fn main() -> anyhow::Result<()> {
             .create_volume("c", VolumeOptions::new(VOLUME))
             .await?;
         let vol = engine.open_volume("c")?;
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
         let mut inflight = FuturesUnordered::new();
         for m in 0..(VOLUME >> 20) {
             let mut buf = Vec::with_capacity(1 << 20);
             for _ in 0..256 {
-                buf.extend_from_slice(&rng.block(4096));
+                buf.extend_from_slice(&block(&mut rng, 4096));
             }
             inflight.push(vol.write(m << 20, Bytes::from(buf), false));
             if inflight.len() >= 8 {

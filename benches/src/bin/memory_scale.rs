@@ -30,19 +30,14 @@ fn main() -> anyhow::Result<()> {
         let vol = engine.open_volume("m")?;
         println!("| unique GiB | RSS MiB | peak RSS MiB | metadata on disk MiB | meta cache MiB | memtables MiB | entry cache MiB | read cache MiB | RSS less caches MiB |");
         println!("|---|---|---|---|---|---|---|---|---|");
-        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut x = ballast_benches::Xorshift(0x1234_5678_9abc_def1);
         let mut points = Vec::new();
         for g in 0..gib {
             let mut inflight = FuturesUnordered::new();
             for m in 0..1024u64 {
-                let mut buf = vec![b'z'; 1 << 20];
+                let mut buf = vec![0u8; 1 << 20];
                 for block in buf.chunks_mut(4096) {
-                    for c in block[..2048].chunks_mut(8) {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        c.copy_from_slice(&x.to_le_bytes());
-                    }
+                    x.fill_half_compressible(block);
                 }
                 inflight.push(vol.write(((g << 10) + m) << 20, Bytes::from(buf), false));
                 if inflight.len() >= 8 {
@@ -74,12 +69,8 @@ fn main() -> anyhow::Result<()> {
             points.push((s.unique_bytes, rest));
         }
         let blocks = (gib << 30) / 4096;
-        for i in 0..200_000u64 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let _ = i;
-            vol.read((x % blocks) * 4096, 4096).await?;
+        for _ in 0..200_000u64 {
+            vol.read((x.next_u64() % blocks) * 4096, 4096).await?;
         }
         let (rss, peak) = ballast_benches::rss();
         println!("after 200k random reads: RSS {} MiB, peak {} MiB (baseline before data: {} MiB)", rss >> 20, peak >> 20, rss0 >> 20);
