@@ -1057,6 +1057,16 @@ impl Inner {
         meta.persist()?;
         // Before publishing: until then the frozen overlay shadows these keys.
         meta.entries.apply(&ov);
+        // Blocks whose record died can only be read again if the same
+        // content is written again: drop them, so overwrites recycle the
+        // cache's memory instead of growing it with dead blocks (or evicting
+        // live ones).
+        self.read_cache.forget(
+            ov.records
+                .iter()
+                .filter(|(_, m)| m.is_none())
+                .map(|(k, _)| k),
+        );
         // 4. Publish: the store now holds the frozen overlay.
         {
             let mut st = self.state.lock();

@@ -1,7 +1,9 @@
 //! A cache of decoded blocks, keyed by block identity.
 //!
 //! A block key names immutable content (blake3 + nonce), so an entry never
-//! goes stale: no invalidation on overwrite, trim or cleaner moves. Keys are
+//! goes stale: no invalidation on overwrite, trim or cleaner moves is needed
+//! for correctness. Commits still drop the blocks whose record died (see
+//! `Inner::commit`), so overwrites recycle the cache's memory. Keys are
 //! shared across volumes, so deduplicated content is cached once. Writes
 //! populate it too (see `Volume::write_blocks`: large ones only while it has
 //! room), which serves read-after-write from memory.
@@ -39,6 +41,15 @@ impl ReadCache {
     pub fn insert(&self, key: BlockKey, block: Bytes) {
         if let Some(c) = &self.cache {
             c.insert(key, block);
+        }
+    }
+
+    /// Drop these blocks if cached (their records died).
+    pub fn forget<'a>(&self, keys: impl Iterator<Item = &'a BlockKey>) {
+        if let Some(c) = &self.cache {
+            for k in keys {
+                c.remove(k);
+            }
         }
     }
 

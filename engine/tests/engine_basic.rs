@@ -379,3 +379,32 @@ async fn writes_fill_the_read_cache_but_streams_never_evict() {
     assert_eq!(v.read(0, 1 << 20).await.unwrap().data, first);
     e.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwritten_blocks_leave_the_read_cache() {
+    let h = Harness::new(Backend::Sim);
+    let mut cfg = h.config();
+    cfg.read_cache_bytes = 8 << 20;
+    let e = h.open_with(cfg).await;
+    e.create_volume("v", opts(8 << 20)).await.unwrap();
+    let v = e.open_volume("v").unwrap();
+    let run = |seed: u64| -> Vec<u8> { (0..64).flat_map(|i| block(seed + i, 4096, 0)).collect() };
+    v.write(0, Bytes::from(run(0)), false).await.unwrap();
+    e.flush().await.unwrap();
+    let one_run = e.node_stats().read_cache_bytes;
+    assert!(
+        one_run >= 64 * 4096,
+        "the written blocks are cached: {one_run}"
+    );
+    // Overwrite the same 64 blocks ten times: the cache holds the live
+    // blocks, not every version ever written.
+    let mut last = Vec::new();
+    for round in 1..=10u64 {
+        last = run(round * 1000);
+        v.write(0, Bytes::from(last.clone()), false).await.unwrap();
+        e.flush().await.unwrap();
+    }
+    assert_eq!(e.node_stats().read_cache_bytes, one_run);
+    assert_eq!(v.read(0, 64 * 4096).await.unwrap().data, last);
+    e.shutdown().await.unwrap();
+}
