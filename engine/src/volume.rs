@@ -794,10 +794,12 @@ impl Inner {
         let reads = runs.iter().map(|r| {
             let first = &on_disk[r.start].1;
             let last = &on_disk[r.end - 1].1;
-            let start = first.offset as u64 / IO_ALIGN as u64 * IO_ALIGN as u64;
-            let end =
-                (last.offset as u64 + last.footprint()).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
             let disk = disks.iter().find(|d| d.id == first.segment.disk).cloned();
+            // Only the sectors the records occupy: a 2 KiB record costs a
+            // 2.5 KiB read, not one or two whole pages.
+            let align = disk.as_ref().map_or(IO_ALIGN, |d| d.io.read_align()) as u64;
+            let start = first.offset as u64 / align * align;
+            let end = (last.offset as u64 + last.footprint()).div_ceil(align) * align;
             let seg = first.segment;
             async move {
                 let disk = disk.ok_or_else(|| {

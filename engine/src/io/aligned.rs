@@ -2,6 +2,8 @@
 //!
 //! O_DIRECT needs the memory address, the file offset and the length aligned
 //! to the device's logical block size; 4 KiB covers every device we target.
+//! Addresses are always 4 KiB-aligned; lengths are multiples of 512 bytes
+//! (a read of a small record), and writes check for whole 4 KiB pages.
 //! The buffer is owned (not borrowed) so it can travel into a backend and stay
 //! there until the kernel is done with it, whatever happens to the future.
 //!
@@ -16,10 +18,10 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-use super::IO_ALIGN;
+use super::{IO_ALIGN, SECTOR};
 
 /// An owned, zero-initialised heap buffer whose address is aligned to
-/// [`IO_ALIGN`] and whose length is a non-zero multiple of it.
+/// [`IO_ALIGN`] and whose length is a non-zero multiple of [`SECTOR`].
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -69,13 +71,13 @@ impl AlignedBuf {
     /// Allocate `len` zeroed bytes.
     ///
     /// # Panics
-    /// If `len` is zero or not a multiple of [`IO_ALIGN`] (callers round up;
+    /// If `len` is zero or not a multiple of [`SECTOR`] (callers round up;
     /// a misaligned length is a bug, and O_DIRECT would refuse it anyway), or
     /// if the allocation fails.
     pub fn zeroed(len: usize) -> AlignedBuf {
         assert!(
-            len > 0 && len.is_multiple_of(IO_ALIGN),
-            "AlignedBuf length {len} must be a non-zero multiple of {IO_ALIGN}"
+            len > 0 && len.is_multiple_of(SECTOR),
+            "AlignedBuf length {len} must be a non-zero multiple of {SECTOR}"
         );
         Self::alloc_zeroed(len, len)
     }
@@ -85,8 +87,8 @@ impl AlignedBuf {
     /// writes that overwrite it whole. Reuses an idle allocation if any.
     pub fn recycled(len: usize) -> AlignedBuf {
         assert!(
-            len > 0 && len.is_multiple_of(IO_ALIGN),
-            "AlignedBuf length {len} must be a non-zero multiple of {IO_ALIGN}"
+            len > 0 && len.is_multiple_of(SECTOR),
+            "AlignedBuf length {len} must be a non-zero multiple of {SECTOR}"
         );
         let Some(class) = class_of(len) else {
             return Self::zeroed(len);
@@ -111,15 +113,15 @@ impl AlignedBuf {
 
     fn layout(len: usize) -> Layout {
         Layout::from_size_align(len, IO_ALIGN)
-            .expect("a multiple of 4096 that fit in memory is a valid layout size")
+            .expect("a size that fit in memory is a valid layout size")
     }
 
-    /// Length in bytes (a non-zero multiple of [`IO_ALIGN`]).
+    /// Length in bytes (a non-zero multiple of [`SECTOR`]).
     pub fn len(&self) -> usize {
         self.len
     }
 
-    /// Always false: a buffer holds at least one [`IO_ALIGN`] block.
+    /// Always false: a buffer holds at least one sector.
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -240,13 +242,22 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "multiple of 4096")]
+    #[should_panic(expected = "multiple of 512")]
     fn rejects_unaligned_length() {
         let _ = AlignedBuf::zeroed(100);
     }
 
     #[test]
-    #[should_panic(expected = "multiple of 4096")]
+    fn sector_lengths_keep_page_alignment() {
+        for len in [512, 2560, 4608] {
+            let b = AlignedBuf::recycled(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "multiple of 512")]
     fn rejects_zero_length() {
         let _ = AlignedBuf::zeroed(0);
     }

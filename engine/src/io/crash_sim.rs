@@ -19,10 +19,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{check_range, AlignedBuf, DiskIo, IoFuture, Op, IO_ALIGN};
+use super::{check_range, AlignedBuf, DiskIo, IoFuture, Op, IO_ALIGN, SECTOR};
 
-/// Torn writes keep or lose whole sectors, like real disks.
-const SECTOR: usize = 512;
+// Torn writes keep or lose whole sectors, like real disks; reads are
+// sector-aligned, like O_DIRECT on a 512-byte-sector device.
 const PAGE: usize = IO_ALIGN;
 
 type Page = Arc<[u8; PAGE]>;
@@ -119,20 +119,27 @@ impl CrashSimDisk {
 
 impl DiskIo for CrashSimDisk {
     fn read_at(&self, mut buf: AlignedBuf, offset: u64) -> IoFuture<(AlignedBuf, io::Result<()>)> {
-        let res = check_range(Op::Read, offset, buf.len(), self.len).map(|()| {
+        let res = check_range(Op::Read, offset, buf.len(), self.len, SECTOR).map(|()| {
             let st = self.state.lock();
-            for (i, chunk) in buf.chunks_mut(PAGE).enumerate() {
-                match st.visible.get(&(offset / PAGE as u64 + i as u64)) {
-                    Some(page) => chunk.copy_from_slice(&page[..]),
+            let mut pos = offset;
+            let mut out: &mut [u8] = &mut buf;
+            while !out.is_empty() {
+                let at = (pos % PAGE as u64) as usize;
+                let n = (PAGE - at).min(out.len());
+                let (chunk, rest) = out.split_at_mut(n);
+                match st.visible.get(&(pos / PAGE as u64)) {
+                    Some(page) => chunk.copy_from_slice(&page[at..at + n]),
                     None => chunk.fill(0),
                 }
+                pos += n as u64;
+                out = rest;
             }
         });
         Box::pin(std::future::ready((buf, res)))
     }
 
     fn write_at(&self, buf: AlignedBuf, offset: u64) -> IoFuture<(AlignedBuf, io::Result<()>)> {
-        let res = check_range(Op::Write, offset, buf.len(), self.len).and_then(|()| {
+        let res = check_range(Op::Write, offset, buf.len(), self.len, SECTOR).and_then(|()| {
             let mut st = self.state.lock();
             if st.fail_writes {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -169,6 +176,10 @@ impl DiskIo for CrashSimDisk {
 
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn read_align(&self) -> usize {
+        SECTOR
     }
 }
 
