@@ -1,8 +1,8 @@
 //! Ballast benchmarks. Criterion micro-benchmarks live in `benches/`; the
 //! binaries in `src/bin/` measure what criterion cannot: space efficiency on
 //! real data (`space_efficiency`), memory per TiB of unique data
-//! (`memory_scale`) and foreground throughput under cleaning
-//! (`cleaner_throttle`). Shared helpers for those binaries are here.
+//! (`memory_scale`), foreground throughput under cleaning
+//! (`cleaner_throttle`) and writes per CPU-second (`write_cpu`). Shared helpers for those binaries are here.
 
 use ballast_engine::{DiskSpec, Engine, EngineConfig};
 use std::path::Path;

@@ -19,6 +19,9 @@
 //!   lock before going to the store never fill.
 //! - Negative entries ("unmapped", "no such record") are cached too;
 //!   volume ids are never reused, so a deleted volume's entries just age out.
+//!   Except that a commit drops the records that died rather than caching
+//!   their absence: under overwrites every write kills one, and those
+//!   entries, never asked for again, would evict the live ones.
 
 use crate::key::{BlockKey, RecordMeta};
 use crate::state::Overlay;
@@ -82,7 +85,15 @@ impl EntryCache {
         }
         if let Some(c) = &self.records {
             for (&k, &v) in &ov.records {
-                c.insert(k, v);
+                match v {
+                    Some(_) => c.insert(k, v),
+                    // A dead record is looked up again only if its content
+                    // is written again; caching its absence would push live
+                    // records out under overwrites (one dead per write).
+                    None => {
+                        c.remove(&k);
+                    }
+                }
             }
         }
     }
@@ -142,9 +153,9 @@ mod tests {
         c.apply(&ov);
         assert_eq!(c.block(1, 7), Some(None));
         assert_eq!(c.block(1, 8), Some(Some(key(2))));
-        assert_eq!(c.record(&key(1)), Some(None));
+        assert_eq!(c.record(&key(1)), None, "dead records are dropped");
         assert_eq!(c.record(&key(2)), Some(Some(meta(1))));
-        assert_eq!(c.len(), (2, 2));
+        assert_eq!(c.len(), (2, 1));
     }
 
     #[test]

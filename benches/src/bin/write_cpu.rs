@@ -1,0 +1,186 @@
+//! Unique random 4 KiB writes per second *and per CPU-second*: the engine
+//! issue's write target is per core, and on a 2-core machine a writes/s
+//! figure alone hides how much of the second core the commits, the metadata
+//! store's flushes and compactions, and the hashing took.
+//!
+//! Two phases of SECS seconds (default 5), each ROUNDS times (default 3):
+//! random unique incompressible 4 KiB writes at queue depth 32 into a fresh
+//! 2 GiB dedup + lz4 volume (most blocks unmapped: their old mapping is a
+//! store miss), then the same after the volume has been filled with 1 MiB
+//! writes and flushed (every write an overwrite: the old mapping and the old
+//! record are looked up and dropped). The writer runs as a task on a
+//! two-worker runtime, as ballastd runs a connection. CPU time is the whole
+//! process's (getrusage), split by thread name from /proc.
+//!
+//!     cargo run --release -p ballast-benches --bin write_cpu -- 3 5
+
+use ballast_benches::Xorshift;
+use ballast_engine::{Compression, Engine, Volume, VolumeOptions};
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const VOLUME: u64 = 2 << 30;
+const QD: usize = 32;
+
+/// CPU seconds (user + system) of this process.
+fn process_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF is always valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds per thread name (numbers and the trailing `#n` dropped, so a
+/// pool's threads add up), from /proc/self/task/*/stat.
+fn cpu_by_thread() -> BTreeMap<String, f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        // Fields after the parenthesised name: state is the 3rd field, utime the 14th.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            f.get(i - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let name: String = comm
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '#' || c == '-')
+            .to_string();
+        *out.entry(name).or_default() += (ticks(14) + ticks(15)) / hz;
+    }
+    out
+}
+
+/// Random unique 4 KiB writes at QD 32 for `secs`, on a runtime task; returns writes done.
+async fn random_writes(vol: Volume, seed: u64, secs: Duration) -> anyhow::Result<u64> {
+    tokio::spawn(async move {
+        let mut g = Xorshift(seed | 1);
+        let blocks = VOLUME / 4096;
+        let mut template = vec![0u8; 4096];
+        g.fill(&mut template);
+        let mut inflight = FuturesUnordered::new();
+        let mut done = 0u64;
+        let t0 = Instant::now();
+        while t0.elapsed() < secs {
+            let mut b = template.clone();
+            b[..8].copy_from_slice(&g.next_u64().to_le_bytes());
+            b[8..16].copy_from_slice(&g.next_u64().to_le_bytes());
+            inflight.push(vol.write((g.next_u64() % blocks) * 4096, Bytes::from(b), false));
+            if inflight.len() >= QD {
+                inflight.next().await.expect("non-empty")?;
+                done += 1;
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            r?;
+            done += 1;
+        }
+        Ok(done)
+    })
+    .await?
+}
+
+struct Phase {
+    writes_per_sec: f64,
+    per_cpu_sec: f64,
+    cores: f64,
+}
+
+async fn measure(
+    vol: &Volume,
+    seed: u64,
+    secs: Duration,
+) -> anyhow::Result<(Phase, BTreeMap<String, f64>)> {
+    let (cpu0, threads0, t0) = (process_cpu(), cpu_by_thread(), Instant::now());
+    let n = random_writes(vol.clone(), seed, secs).await?;
+    let (cpu, wall) = (process_cpu() - cpu0, t0.elapsed().as_secs_f64());
+    let mut threads = cpu_by_thread();
+    for (name, s) in threads.iter_mut() {
+        *s -= threads0.get(name).copied().unwrap_or(0.0);
+    }
+    threads.retain(|_, s| *s > 0.005);
+    Ok((
+        Phase {
+            writes_per_sec: n as f64 / wall,
+            per_cpu_sec: n as f64 / cpu,
+            cores: cpu / wall,
+        },
+        threads,
+    ))
+}
+
+fn main() -> anyhow::Result<()> {
+    ballast_benches::limit_malloc_arenas();
+    let mut args = std::env::args().skip(1);
+    let rounds: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let secs = Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(5));
+    let rt = ballast_benches::runtime()?;
+    rt.block_on(async {
+        println!("| phase | round | writes/s | CPU cores busy | writes per CPU-second | CPU by thread (s) |");
+        println!("|---|---|---|---|---|---|");
+        let mut medians: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for round in 1..=rounds {
+            // A fresh engine each round, so "fresh" really is.
+            let dir = ballast_benches::scratch_dir()?;
+            let engine = Engine::open(ballast_benches::engine_config(dir.path(), 16 << 30)).await?;
+            let mut o = VolumeOptions::new(VOLUME);
+            o.compression = Compression::Lz4;
+            engine.create_volume("w", o).await?;
+            let vol = engine.open_volume("w")?;
+            for (phase, seed) in [("fresh volume", round), ("overwrites", round + 100)] {
+                if phase == "overwrites" {
+                    fill(&vol, round).await?;
+                    engine.flush().await?;
+                }
+                let (p, threads) = measure(&vol, seed, secs).await?;
+                let split: Vec<String> = threads.iter().map(|(n, s)| format!("{n} {s:.2}")).collect();
+                println!(
+                    "| {phase} | {round} | {:.0} | {:.2} | {:.0} | {} |",
+                    p.writes_per_sec,
+                    p.cores,
+                    p.per_cpu_sec,
+                    split.join(", ")
+                );
+                medians.entry(phase).or_default().push(p.per_cpu_sec);
+                engine.flush().await?;
+            }
+            engine.shutdown().await?;
+        }
+        for (phase, mut v) in medians {
+            v.sort_by(|a, b| a.total_cmp(b));
+            println!("\n{phase}: median {:.0} writes per CPU-second", v[v.len() / 2]);
+        }
+        Ok(())
+    })
+}
+
+/// Write the whole volume once with unique 1 MiB writes.
+async fn fill(vol: &Volume, seed: u64) -> anyhow::Result<()> {
+    let mut g = Xorshift(seed.wrapping_mul(0x9e37_79b9) | 1);
+    let mut inflight = FuturesUnordered::new();
+    for m in 0..(VOLUME >> 20) {
+        let mut buf = vec![0u8; 1 << 20];
+        g.fill(&mut buf);
+        inflight.push(vol.write(m << 20, Bytes::from(buf), false));
+        if inflight.len() >= 8 {
+            inflight.next().await.expect("non-empty")?;
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+    }
+    Ok(())
+}
