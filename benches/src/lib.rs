@@ -4,8 +4,11 @@
 //! (`memory_scale`), foreground throughput under cleaning
 //! (`cleaner_throttle`) and writes per CPU-second (`write_cpu`). Shared helpers for those binaries are here.
 
-use ballast_engine::{DiskSpec, Engine, EngineConfig};
+use ballast_engine::{DiskSpec, Engine, EngineConfig, Volume};
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// The configuration of an engine on a sparse disk file under `dir`.
 pub fn engine_config(dir: &Path, disk_size: u64) -> EngineConfig {
@@ -37,6 +40,32 @@ pub fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
     Ok(tempfile::tempdir_in(
         std::env::var_os("BALLAST_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
     )?)
+}
+
+/// Writes from `next` (offset, data) with `qd` in flight until `secs` have
+/// passed; returns how many completed.
+pub async fn write_for(
+    vol: &Volume,
+    secs: Duration,
+    qd: usize,
+    mut next: impl FnMut() -> (u64, Bytes),
+) -> anyhow::Result<u64> {
+    let mut inflight = FuturesUnordered::new();
+    let mut done = 0u64;
+    let t0 = Instant::now();
+    while t0.elapsed() < secs {
+        let (offset, data) = next();
+        inflight.push(vol.write(offset, data, false));
+        if inflight.len() >= qd {
+            inflight.next().await.expect("non-empty")?;
+            done += 1;
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+        done += 1;
+    }
+    Ok(done)
 }
 
 /// xorshift64: cheap, reproducible offsets and block contents.

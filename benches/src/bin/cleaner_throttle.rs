@@ -33,20 +33,11 @@ fn block(rng: &mut Xorshift, len: usize) -> Bytes {
 /// Random 4 KiB overwrites for `secs`; returns IOPS.
 async fn overwrite(vol: &Volume, rng: &mut Xorshift, secs: Duration) -> anyhow::Result<f64> {
     let blocks = VOLUME / 4096;
-    let mut inflight = FuturesUnordered::new();
-    let mut done = 0u64;
     let t0 = Instant::now();
-    while t0.elapsed() < secs {
-        inflight.push(vol.write((rng.next_u64() % blocks) * 4096, block(rng, 4096), false));
-        if inflight.len() >= QD {
-            inflight.next().await.expect("non-empty")?;
-            done += 1;
-        }
-    }
-    while let Some(r) = inflight.next().await {
-        r?;
-        done += 1;
-    }
+    let done = ballast_benches::write_for(vol, secs, QD, || {
+        ((rng.next_u64() % blocks) * 4096, block(rng, 4096))
+    })
+    .await?;
     Ok(done as f64 / t0.elapsed().as_secs_f64())
 }
 

@@ -71,24 +71,13 @@ async fn random_writes(vol: Volume, seed: u64, secs: Duration) -> anyhow::Result
         let blocks = VOLUME / 4096;
         let mut template = vec![0u8; 4096];
         g.fill(&mut template);
-        let mut inflight = FuturesUnordered::new();
-        let mut done = 0u64;
-        let t0 = Instant::now();
-        while t0.elapsed() < secs {
+        ballast_benches::write_for(&vol, secs, QD, || {
             let mut b = template.clone();
             b[..8].copy_from_slice(&g.next_u64().to_le_bytes());
             b[8..16].copy_from_slice(&g.next_u64().to_le_bytes());
-            inflight.push(vol.write((g.next_u64() % blocks) * 4096, Bytes::from(b), false));
-            if inflight.len() >= QD {
-                inflight.next().await.expect("non-empty")?;
-                done += 1;
-            }
-        }
-        while let Some(r) = inflight.next().await {
-            r?;
-            done += 1;
-        }
-        Ok(done)
+            ((g.next_u64() % blocks) * 4096, Bytes::from(b))
+        })
+        .await
     })
     .await?
 }
