@@ -12,7 +12,10 @@
 //! two-worker runtime, as ballastd runs a connection. CPU time is the whole
 //! process's (getrusage), split by thread name from /proc.
 //!
-//!     cargo run --release -p ballast-benches --bin write_cpu -- 3 5
+//!     cargo run --release -p ballast-benches --bin write_cpu -- 3 5 [READ_CACHE_BYTES]
+//!
+//! READ_CACHE_BYTES (default: the engine's 256 MiB) sizes the read cache,
+//! which every write of up to 256 KiB also fills; 0 measures without it.
 
 use ballast_benches::Xorshift;
 use ballast_engine::{Compression, Engine, Volume, VolumeOptions};
@@ -116,6 +119,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let rounds: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let secs = Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(5));
+    let read_cache: Option<u64> = args.next().map(|s| s.parse()).transpose()?;
     let rt = ballast_benches::runtime()?;
     rt.block_on(async {
         println!("| phase | round | writes/s | CPU cores busy | writes per CPU-second | CPU by thread (s) |");
@@ -124,7 +128,11 @@ fn main() -> anyhow::Result<()> {
         for round in 1..=rounds {
             // A fresh engine each round, so "fresh" really is.
             let dir = ballast_benches::scratch_dir()?;
-            let engine = Engine::open(ballast_benches::engine_config(dir.path(), 16 << 30)).await?;
+            let mut cfg = ballast_benches::engine_config(dir.path(), 16 << 30);
+            if let Some(bytes) = read_cache {
+                cfg.read_cache_bytes = bytes;
+            }
+            let engine = Engine::open(cfg).await?;
             let mut o = VolumeOptions::new(VOLUME);
             o.compression = Compression::Lz4;
             engine.create_volume("w", o).await?;
