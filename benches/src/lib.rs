@@ -68,6 +68,41 @@ pub async fn write_for(
     Ok(done)
 }
 
+/// Write MiBs `mibs` of `vol` in order, one 1 MiB write each with 8 in
+/// flight, `fill` making each write's contents.
+pub async fn write_mibs(
+    vol: &Volume,
+    mibs: std::ops::Range<u64>,
+    mut fill: impl FnMut(&mut [u8]),
+) -> anyhow::Result<()> {
+    let mut inflight = FuturesUnordered::new();
+    for m in mibs {
+        let mut buf = vec![0u8; 1 << 20];
+        fill(&mut buf);
+        inflight.push(vol.write(m << 20, Bytes::from(buf), false));
+        if inflight.len() >= 8 {
+            inflight.next().await.expect("non-empty")?;
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Unique, half-compressible 4 KiB blocks across all of `buf`.
+pub fn fill_half_compressible_blocks(rng: &mut Xorshift, buf: &mut [u8]) {
+    for block in buf.chunks_mut(4096) {
+        rng.fill_half_compressible(block);
+    }
+}
+
+/// The median of `v` (sorted in place; the upper one of an even count).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 /// xorshift64: cheap, reproducible offsets and block contents.
 pub struct Xorshift(pub u64);
 

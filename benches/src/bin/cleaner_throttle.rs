@@ -15,7 +15,6 @@
 use ballast_benches::Xorshift;
 use ballast_engine::{Engine, Volume, VolumeOptions};
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,11 +56,6 @@ async fn clean_until(engine: Engine, stop: Arc<AtomicBool>, freed: Arc<AtomicUsi
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> anyhow::Result<()> {
     ballast_benches::limit_malloc_arenas();
     let mut args = std::env::args().skip(1);
@@ -79,20 +73,10 @@ fn main() -> anyhow::Result<()> {
             .await?;
         let vol = engine.open_volume("c")?;
         let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
-        let mut inflight = FuturesUnordered::new();
-        for m in 0..(VOLUME >> 20) {
-            let mut buf = Vec::with_capacity(1 << 20);
-            for _ in 0..256 {
-                buf.extend_from_slice(&block(&mut rng, 4096));
-            }
-            inflight.push(vol.write(m << 20, Bytes::from(buf), false));
-            if inflight.len() >= 8 {
-                inflight.next().await.expect("non-empty")?;
-            }
-        }
-        while let Some(r) = inflight.next().await {
-            r?;
-        }
+        ballast_benches::write_mibs(&vol, 0..(VOLUME >> 20), |buf| {
+            ballast_benches::fill_half_compressible_blocks(&mut rng, buf)
+        })
+        .await?;
         engine.flush().await?;
         println!("| round | idle cleaner IOPS | cleaning IOPS | segments freed | free segments after |");
         println!("|---|---|---|---|---|");
@@ -115,7 +99,7 @@ fn main() -> anyhow::Result<()> {
             idle.push(a);
             busy.push(b);
         }
-        let (mi, mb) = (median(&mut idle), median(&mut busy));
+        let (mi, mb) = (ballast_benches::median(&mut idle), ballast_benches::median(&mut busy));
         println!(
             "\nmedian IOPS: {mi:.0} without cleaning, {mb:.0} while cleaning: {:.0}% kept; {total_freed} segments freed",
             100.0 * mb / mi

@@ -11,8 +11,6 @@
 //!     cargo run --release -p ballast-benches --bin memory_scale -- 4
 
 use ballast_engine::VolumeOptions;
-use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
 
 fn main() -> anyhow::Result<()> {
     ballast_benches::limit_malloc_arenas();
@@ -33,20 +31,10 @@ fn main() -> anyhow::Result<()> {
         let mut x = ballast_benches::Xorshift(0x1234_5678_9abc_def1);
         let mut points = Vec::new();
         for g in 0..gib {
-            let mut inflight = FuturesUnordered::new();
-            for m in 0..1024u64 {
-                let mut buf = vec![0u8; 1 << 20];
-                for block in buf.chunks_mut(4096) {
-                    x.fill_half_compressible(block);
-                }
-                inflight.push(vol.write(((g << 10) + m) << 20, Bytes::from(buf), false));
-                if inflight.len() >= 8 {
-                    inflight.next().await.unwrap()?;
-                }
-            }
-            while let Some(r) = inflight.next().await {
-                r?;
-            }
+            ballast_benches::write_mibs(&vol, (g << 10)..((g + 1) << 10), |buf| {
+                ballast_benches::fill_half_compressible_blocks(&mut x, buf)
+            })
+            .await?;
             engine.flush().await?;
             let s = engine.node_stats();
             let (rss, peak) = ballast_benches::rss();

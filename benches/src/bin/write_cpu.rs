@@ -20,7 +20,6 @@
 use ballast_benches::Xorshift;
 use ballast_engine::{Compression, Engine, Volume, VolumeOptions};
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -157,8 +156,8 @@ fn main() -> anyhow::Result<()> {
             engine.shutdown().await?;
         }
         for (phase, mut v) in medians {
-            v.sort_by(|a, b| a.total_cmp(b));
-            println!("\n{phase}: median {:.0} writes per CPU-second", v[v.len() / 2]);
+            let m = ballast_benches::median(&mut v);
+            println!("\n{phase}: median {m:.0} writes per CPU-second");
         }
         Ok(())
     })
@@ -167,17 +166,5 @@ fn main() -> anyhow::Result<()> {
 /// Write the whole volume once with unique 1 MiB writes.
 async fn fill(vol: &Volume, seed: u64) -> anyhow::Result<()> {
     let mut g = Xorshift(seed.wrapping_mul(0x9e37_79b9) | 1);
-    let mut inflight = FuturesUnordered::new();
-    for m in 0..(VOLUME >> 20) {
-        let mut buf = vec![0u8; 1 << 20];
-        g.fill(&mut buf);
-        inflight.push(vol.write(m << 20, Bytes::from(buf), false));
-        if inflight.len() >= 8 {
-            inflight.next().await.expect("non-empty")?;
-        }
-    }
-    while let Some(r) = inflight.next().await {
-        r?;
-    }
-    Ok(())
+    ballast_benches::write_mibs(vol, 0..(VOLUME >> 20), |buf| g.fill(buf)).await
 }
