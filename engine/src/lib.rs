@@ -43,4 +43,4 @@ pub use config::{
 };
 pub use engine::{validate_name, Engine};
 pub use error::{EngineError, Result};
-pub use volume::{EngineFuture, Extent, ReadData, Volume, MAX_IO};
+pub use volume::{EngineFuture, Extent, ReadData, ReadParts, Volume, MAX_IO};

@@ -111,6 +111,29 @@ pub struct ReadData {
     pub extents: Vec<Extent>,
 }
 
+/// A read as pieces (see [`Volume::read_parts`]): their concatenation is
+/// the data; `extents` says which parts of it are holes.
+#[derive(Clone, Debug)]
+pub struct ReadParts {
+    pub parts: Vec<Bytes>,
+    pub extents: Vec<Extent>,
+}
+
+/// What holes read as, for every block size (at most 64 KiB).
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// The pieces as one buffer; no copy when there is only one.
+fn concat(mut parts: Vec<Bytes>) -> Bytes {
+    if parts.len() == 1 {
+        return parts.pop().expect("one piece");
+    }
+    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for p in &parts {
+        out.extend_from_slice(p);
+    }
+    out.freeze()
+}
+
 /// An open volume. Cheap to clone.
 #[derive(Clone)]
 pub struct Volume {
@@ -404,10 +427,25 @@ impl Volume {
     /// Read `len` bytes at `offset`; holes read as zeros.
     pub fn read(&self, offset: u64, len: u32) -> EngineFuture<ReadData> {
         let this = self.clone();
+        Box::pin(async move {
+            let r = this.read_inner(offset, len as u64).await?;
+            Ok(ReadData {
+                data: concat(r.parts),
+                extents: r.extents,
+            })
+        })
+    }
+
+    /// Like [`Volume::read`], but the bytes come as one piece per block:
+    /// cached blocks are handed out as they are and holes as shared zeros,
+    /// so a server can send them with vectored I/O instead of copying them
+    /// into one buffer first (a third of ballastd's CPU on 1 MiB reads).
+    pub fn read_parts(&self, offset: u64, len: u32) -> EngineFuture<ReadParts> {
+        let this = self.clone();
         Box::pin(async move { this.read_inner(offset, len as u64).await })
     }
 
-    async fn read_inner(&self, offset: u64, len: u64) -> Result<ReadData> {
+    async fn read_inner(&self, offset: u64, len: u64) -> Result<ReadParts> {
         self.check_live()?;
         self.check_range(offset, len)?;
         if len > MAX_IO {
@@ -416,8 +454,8 @@ impl Volume {
             )));
         }
         if len == 0 {
-            return Ok(ReadData {
-                data: Bytes::new(),
+            return Ok(ReadParts {
+                parts: Vec::new(),
                 extents: Vec::new(),
             });
         }
@@ -425,85 +463,101 @@ impl Volume {
         let first = offset / bs;
         let end = (offset + len).div_ceil(bs);
         let keys = self.resolve_keys(first, end - first)?;
-        let mut buf = BytesMut::zeroed(((end - first) * bs) as usize);
-        self.fill_blocks(first, &keys, &mut buf).await?;
+        let mut parts = self.load_blocks(first, &keys).await?;
         let mut extents = Vec::new();
-        let skip = offset - first * bs;
         for (i, k) in keys.iter().enumerate() {
             let b_start = (first + i as u64) * bs;
             let lo = b_start.max(offset);
             let hi = (b_start + bs).min(offset + len);
             push_extent(&mut extents, hi - lo, k.is_none());
         }
-        let mut data = buf.freeze();
-        data = data.slice(skip as usize..(skip + len) as usize);
-        Ok(ReadData { data, extents })
+        let skip = (offset - first * bs) as usize;
+        let tail = (end * bs - (offset + len)) as usize;
+        if let Some(p) = parts.first_mut() {
+            *p = p.slice(skip..);
+        }
+        if let Some(p) = parts.last_mut() {
+            *p = p.slice(..p.len() - tail);
+        }
+        Ok(ReadParts { parts, extents })
     }
 
-    async fn read_blocks(&self, lba: u64, n: u64) -> Result<Vec<u8>> {
+    async fn read_blocks(&self, lba: u64, n: u64) -> Result<Bytes> {
         let keys = self.resolve_keys(lba, n)?;
-        let mut buf = vec![0u8; (n * self.v.block_size as u64) as usize];
-        self.fill_blocks(lba, &keys, &mut buf).await?;
-        Ok(buf)
+        Ok(concat(self.load_blocks(lba, &keys).await?))
     }
 
-    async fn fill_blocks(
+    /// One piece per block of `[lba0, lba0 + keys.len())`: cached blocks,
+    /// shared zeros for holes, and the rest read (from segment images still
+    /// in memory or from the disks) into one buffer, then cached.
+    async fn load_blocks(&self, lba0: u64, keys: &[Option<BlockKey>]) -> Result<Vec<Bytes>> {
+        let bs = self.v.block_size as usize;
+        let mut parts = Vec::with_capacity(keys.len());
+        let mut missing: Vec<(usize, BlockKey)> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            match k {
+                None => parts.push(Bytes::from_static(&ZEROS[..bs])),
+                Some(k) => match self.inner.read_cache.get(k) {
+                    Some(b) if b.len() == bs => parts.push(b),
+                    _ => {
+                        missing.push((i, *k));
+                        parts.push(Bytes::new());
+                    }
+                },
+            }
+        }
+        if missing.is_empty() {
+            return Ok(parts);
+        }
+        let mut buf = BytesMut::zeroed(missing.len() * bs);
+        self.read_missing(lba0, &missing, &mut buf).await?;
+        let buf = buf.freeze();
+        for (j, (i, k)) in missing.iter().enumerate() {
+            let block = buf.slice(j * bs..(j + 1) * bs);
+            // A copy for the cache: a slice would keep the whole read buffer
+            // alive for as long as any one of its blocks stays cached.
+            self.inner
+                .read_cache
+                .insert(*k, Bytes::copy_from_slice(&block));
+            parts[*i] = block;
+        }
+        Ok(parts)
+    }
+
+    /// Read the blocks `missing` names (index from `lba0`, key) into
+    /// consecutive block-sized slots of `buf`.
+    async fn read_missing(
         &self,
         lba0: u64,
-        keys: &[Option<BlockKey>],
+        missing: &[(usize, BlockKey)],
         buf: &mut [u8],
     ) -> Result<()> {
         let bs = self.v.block_size as usize;
-        // Cached blocks first; only the rest go to the index and the disks.
-        let mut missing: Vec<Option<BlockKey>> = vec![None; keys.len()];
-        let mut any_missing = false;
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(k) = k {
-                match self.inner.read_cache.get(k) {
-                    Some(b) if b.len() == bs => buf[i * bs..(i + 1) * bs].copy_from_slice(&b),
-                    _ => {
-                        missing[i] = Some(*k);
-                        any_missing = true;
-                    }
-                }
-            }
-        }
-        if !any_missing {
-            return Ok(());
-        }
-        let keys = &missing[..];
         for _attempt in 0..3 {
-            let metas = self.inner.resolve_records(keys.iter().flatten())?;
-            let mut wanted = Vec::new();
-            for (i, k) in keys.iter().enumerate() {
-                if let Some(k) = k {
-                    let m = metas.get(k).copied().flatten().ok_or_else(|| {
-                        EngineError::CorruptMeta(format!(
-                            "volume \"{}\" block {i} maps to a record the index does not hold",
-                            self.v.name
-                        ))
-                    })?;
-                    wanted.push((*k, m, i * bs));
-                }
+            let metas = self.inner.resolve_records(missing.iter().map(|(_, k)| k))?;
+            let mut wanted = Vec::with_capacity(missing.len());
+            for (j, (i, k)) in missing.iter().enumerate() {
+                let m = metas.get(k).copied().flatten().ok_or_else(|| {
+                    EngineError::CorruptMeta(format!(
+                        "volume \"{}\" block {} maps to a record the index does not hold",
+                        self.v.name,
+                        lba0 + *i as u64
+                    ))
+                })?;
+                wanted.push((*k, m, j * bs));
             }
             match self.inner.read_records(&wanted, buf, &self.v.name).await {
                 Err(ReadFault::Moved) => continue,
                 Err(ReadFault::Engine(EngineError::Checksum { volume, offset })) => {
+                    // `offset` is the slot in `buf`: name the volume block.
+                    let i = missing[offset as usize / bs].0 as u64;
                     return Err(EngineError::Checksum {
                         volume,
-                        offset: lba0 * bs as u64 + offset,
-                    })
+                        offset: (lba0 + i) * bs as u64,
+                    });
                 }
                 Err(ReadFault::Engine(e)) => return Err(e),
-                Ok(()) => {
-                    for (i, k) in keys.iter().enumerate() {
-                        if let Some(k) = k {
-                            let block = Bytes::copy_from_slice(&buf[i * bs..(i + 1) * bs]);
-                            self.inner.read_cache.insert(*k, block);
-                        }
-                    }
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
             }
         }
         Err(EngineError::FailedPrecondition(

@@ -1,7 +1,7 @@
 //! The NBD server's view of engine volumes: each volume (and snapshot,
 //! read-only) is an export of the same name.
 
-use crate::nbd::export::{Export, ExportCatalog, ExportError, ExportFuture, Extent};
+use crate::nbd::export::{Export, ExportCatalog, ExportError, ExportFuture, Extent, Payload};
 use ballast_engine::{Engine, EngineError, Volume};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -97,11 +97,11 @@ impl Export for VolumeExport {
         Box::pin(async move { f.await.map(|r| r.data).map_err(to_export) })
     }
 
-    fn read_extents(&self, offset: u64, len: u32) -> ExportFuture<(Bytes, Vec<Extent>)> {
-        let f = self.vol.read(offset, len);
+    fn read_extents(&self, offset: u64, len: u32) -> ExportFuture<(Payload, Vec<Extent>)> {
+        let f = self.vol.read_parts(offset, len);
         Box::pin(async move {
             f.await
-                .map(|r| (r.data, extents(r.extents)))
+                .map(|r| (Payload::from_parts(r.parts), extents(r.extents)))
                 .map_err(to_export)
         })
     }

@@ -34,6 +34,63 @@ use std::sync::Arc;
 
 use super::proto;
 
+/// A read's bytes, possibly in pieces: an export may hand out cached blocks
+/// as they are, and the server sends the pieces with vectored I/O rather
+/// than copying them into one buffer.
+#[derive(Clone, Debug, Default)]
+pub struct Payload {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Payload {
+    pub fn from_parts(parts: Vec<Bytes>) -> Payload {
+        let len = parts.iter().map(Bytes::len).sum();
+        Payload { parts, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces that make up `at..at + len` (clamped to the payload).
+    pub fn pieces(&self, at: usize, len: usize) -> impl Iterator<Item = Bytes> + '_ {
+        let end = at.saturating_add(len).min(self.len);
+        let mut pos = 0usize;
+        self.parts.iter().filter_map(move |p| {
+            let (lo, hi) = (pos, pos + p.len());
+            pos = hi;
+            let (from, to) = (lo.max(at), hi.min(end));
+            (from < to).then(|| p.slice(from - lo..to - lo))
+        })
+    }
+
+    /// The bytes as one buffer (no copy when there is one piece).
+    pub fn to_bytes(&self) -> Bytes {
+        if let [one] = &self.parts[..] {
+            return one.clone();
+        }
+        let mut out = bytes::BytesMut::with_capacity(self.len);
+        for p in &self.parts {
+            out.extend_from_slice(p);
+        }
+        out.freeze()
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(b: Bytes) -> Payload {
+        Payload {
+            len: b.len(),
+            parts: vec![b],
+        }
+    }
+}
+
 /// What every export operation returns.
 pub type ExportFuture<T> = Pin<Box<dyn Future<Output = Result<T, ExportError>> + Send + 'static>>;
 
@@ -135,15 +192,16 @@ pub trait Export: Send + Sync + 'static {
     /// Reads `len` bytes at `offset`; holes read as zeros.
     fn read(&self, offset: u64, len: u32) -> ExportFuture<Bytes>;
 
-    /// Like [`Export::read`], also telling which parts read as zeros so that
-    /// structured replies can send them as hole chunks. The extents must cover
-    /// exactly `len` bytes; if they do not, the server ignores them.
-    fn read_extents(&self, offset: u64, len: u32) -> ExportFuture<(Bytes, Vec<Extent>)> {
+    /// Like [`Export::read`], as pieces, also telling which parts read as
+    /// zeros so that structured replies can send them as hole chunks. The
+    /// server reads through this method. The extents must cover exactly
+    /// `len` bytes; if they do not, the server ignores them.
+    fn read_extents(&self, offset: u64, len: u32) -> ExportFuture<(Payload, Vec<Extent>)> {
         let f = self.read(offset, len);
         Box::pin(async move {
             let data = f.await?;
             let n = data.len() as u64;
-            Ok((data, vec![Extent::data(n)]))
+            Ok((data.into(), vec![Extent::data(n)]))
         })
     }
 
@@ -180,6 +238,32 @@ pub trait ExportCatalog: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_pieces_cover_exactly_the_asked_range() {
+        let p = Payload::from_parts(vec![
+            Bytes::from_static(b"abcd"),
+            Bytes::new(),
+            Bytes::from_static(b"efg"),
+            Bytes::from_static(b"hijkl"),
+        ]);
+        assert_eq!(p.len(), 12);
+        let join = |at, len| -> Vec<u8> { p.pieces(at, len).flat_map(|b| b.to_vec()).collect() };
+        assert_eq!(join(0, 12), b"abcdefghijkl");
+        assert_eq!(join(2, 7), b"cdefghi");
+        assert_eq!(join(4, 3), b"efg");
+        assert_eq!(join(5, 1), b"f");
+        assert_eq!(join(10, 100), b"kl");
+        assert!(join(12, 5).is_empty());
+        // No empty pieces: each one becomes an iovec.
+        assert!(p.pieces(0, 12).all(|b| !b.is_empty()));
+        assert_eq!(&p.to_bytes()[..], b"abcdefghijkl");
+        let one = Payload::from(Bytes::from_static(b"xyz"));
+        assert_eq!(
+            one.pieces(1, 1).collect::<Vec<_>>(),
+            vec![Bytes::from_static(b"y")]
+        );
+    }
 
     #[test]
     fn errno_mapping() {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::export::{Export, ExportCatalog, ExportError, ExportFuture, Extent};
+use super::export::{Export, ExportCatalog, ExportError, ExportFuture, Extent, Payload};
 
 const CHUNK: u64 = 64 * 1024;
 
@@ -234,11 +234,11 @@ impl Export for MemoryExport {
         self.done(r)
     }
 
-    fn read_extents(&self, offset: u64, len: u32) -> ExportFuture<(Bytes, Vec<Extent>)> {
+    fn read_extents(&self, offset: u64, len: u32) -> ExportFuture<(Payload, Vec<Extent>)> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         let r = self.check(offset, len as u64).map(|_| {
             let ext = self.extents(offset, len as u64);
-            (Bytes::from(self.read_now(offset, len as usize)), ext)
+            (Bytes::from(self.read_now(offset, len as usize)).into(), ext)
         });
         self.done(r)
     }

@@ -17,5 +17,5 @@ pub mod proto;
 pub mod server;
 mod transmission;
 
-pub use export::{Export, ExportCatalog, ExportError, ExportFuture, Extent};
+pub use export::{Export, ExportCatalog, ExportError, ExportFuture, Extent, Payload};
 pub use server::{NbdConfig, NbdServer};

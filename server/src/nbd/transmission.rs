@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::export::{Export, ExportError, ExportFuture, Extent};
+use super::export::{Export, ExportError, ExportFuture, Extent, Payload};
 use super::handshake::Negotiated;
 use super::proto::{self, HeaderMode, ReplyHeader, Request};
 use super::server::NbdConfig;
@@ -57,7 +57,7 @@ enum Body {
     Status { error: u32, msg: Option<String> },
     /// Successful READ: data plus where it reads as zeros.
     Read {
-        data: Bytes,
+        data: Payload,
         extents: Vec<Extent>,
         df: bool,
     },
@@ -492,7 +492,7 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                     self.send(
                         &req,
                         Body::Read {
-                            data: Bytes::new(),
+                            data: Payload::default(),
                             extents: Vec::new(),
                             df: false,
                         },
@@ -502,21 +502,16 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                     return Ok(());
                 }
                 let df = req.flags & proto::CMD_FLAG_DF != 0;
-                if self.mode.structured() && !df {
-                    let fut = self.export.read_extents(req.offset, len);
-                    self.start(&req, permits, fut, move |r| match r {
-                        Ok((data, extents)) => read_body(data, extents, len, false),
-                        Err(e) => from_export_error(e),
-                    })
-                    .await;
-                } else {
-                    let fut = self.export.read(req.offset, len);
-                    self.start(&req, permits, fut, move |r| match r {
-                        Ok(data) => read_body(data, Vec::new(), len, df),
-                        Err(e) => from_export_error(e),
-                    })
-                    .await;
-                }
+                // Simple replies and DF reads ignore the extents; every read
+                // goes through `read_extents` for its pieces.
+                let holes_allowed = self.mode.structured() && !df;
+                let fut = self.export.read_extents(req.offset, len);
+                self.start(&req, permits, fut, move |r| match r {
+                    Ok((data, extents)) if holes_allowed => read_body(data, extents, len, false),
+                    Ok((data, _)) => read_body(data, Vec::new(), len, df),
+                    Err(e) => from_export_error(e),
+                })
+                .await;
             }
             proto::CMD_FLUSH => {
                 let permits = self.permits(0).await?;
@@ -669,7 +664,7 @@ fn status_body(r: Result<(), ExportError>) -> Body {
     }
 }
 
-fn read_body(data: Bytes, extents: Vec<Extent>, len: u32, df: bool) -> Body {
+fn read_body(data: Payload, extents: Vec<Extent>, len: u32, df: bool) -> Body {
     if data.len() != len as usize {
         return err(
             proto::EIO,
@@ -771,15 +766,19 @@ impl Encoder {
         }
     }
 
-    fn data(&mut self, d: Bytes) {
-        self.queued += d.len();
-        if d.len() >= ZERO_COPY_MIN {
+    /// Queue `len` bytes of `d` from `at`: big runs by reference, as
+    /// segments of their own, small ones copied in with the headers.
+    fn data(&mut self, d: &Payload, at: usize, len: usize) {
+        self.queued += len;
+        if len >= ZERO_COPY_MIN {
             if !self.out.is_empty() {
                 self.segs.push_back(self.out.split().freeze());
             }
-            self.segs.push_back(d);
+            self.segs.extend(d.pieces(at, len));
         } else {
-            self.out.put_slice(&d);
+            for p in d.pieces(at, len) {
+                self.out.put_slice(&p);
+            }
         }
     }
 
@@ -816,7 +815,7 @@ impl Encoder {
             Body::Read { data, extents, df } => {
                 if mode == HeaderMode::Simple {
                     ReplyHeader::encode_simple(0, handle, &mut self.out);
-                    self.data(data);
+                    self.data(&data, 0, data.len());
                 } else if data.is_empty() {
                     ReplyHeader::chunk(
                         mode,
@@ -868,7 +867,7 @@ impl Encoder {
                             )
                             .encode(&mut self.out);
                             self.out.put_u64(offset + at);
-                            self.data(data.slice(at as usize..(at + l) as usize));
+                            self.data(&data, at as usize, l as usize);
                         }
                     }
                     self.runs = runs;
@@ -920,9 +919,10 @@ impl Encoder {
             self.segs.push_back(self.out.split().freeze());
         }
         while !self.segs.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 64];
+            // A 1 MiB read of cached 4 KiB blocks is 256 pieces.
+            let mut slices = [IoSlice::new(&[]); 320];
             let mut k = 0;
-            for s in self.segs.iter().take(64) {
+            for s in self.segs.iter().take(slices.len()) {
                 slices[k] = IoSlice::new(s);
                 k += 1;
             }
