@@ -962,7 +962,13 @@ impl Inner {
         // 3. One atomic metadata batch.
         let meta = &self.meta;
         let mut batch = meta.db.batch();
-        for (&(v, lba), k) in &ov.blocks {
+        // In key order: fjall inserts a batch into its memtable skiplists in
+        // batch order, and consecutive searches for nearby keys find the
+        // skiplist's nodes still in the CPU caches (the overlay's hash maps
+        // iterate in random order).
+        let mut blocks: Vec<_> = ov.blocks.iter().collect();
+        blocks.sort_unstable_by_key(|(k, _)| **k);
+        for (&(v, lba), k) in blocks {
             match k {
                 Some(k) => {
                     batch.insert(&meta.blocks, map_key(v, lba).to_vec(), k.encode().to_vec())
@@ -970,7 +976,9 @@ impl Inner {
                 None => batch.remove(&meta.blocks, map_key(v, lba).to_vec()),
             }
         }
-        for (k, m) in &ov.records {
+        let mut records: Vec<_> = ov.records.iter().collect();
+        records.sort_unstable_by_key(|(k, _)| **k);
+        for (k, m) in records {
             match m {
                 Some(m) => {
                     // Before the batch lands, so the filter never misses a
