@@ -4,6 +4,11 @@
 //! (`memory_scale`), foreground throughput under cleaning
 //! (`cleaner_throttle`) and writes per CPU-second (`write_cpu`). Shared helpers for those binaries are here.
 
+/// The allocator ballastd uses (see server/src/main.rs), so that the
+/// harness measures the engine as the daemon runs it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use ballast_engine::{DiskSpec, Engine, EngineConfig, Volume};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -143,13 +148,4 @@ pub fn rss() -> (u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Cap glibc's malloc arenas as ballastd does: per-thread arenas otherwise
-/// keep freed metadata buffers resident and memory looks like it grows with data.
-pub fn limit_malloc_arenas() {
-    // SAFETY: mallopt only adjusts allocator tuning; called before threads start.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
 }

@@ -1,18 +1,17 @@
 use clap::Parser;
 
+// mimalloc rather than glibc's malloc: the write path allocates and frees
+// small buffers per block (hashes, records, metadata keys) from several
+// threads, and the engine's commits free large maps; glibc spent ~15% of a
+// write's CPU in malloc, free and consolidation (write_cpu, interleaved A/B:
+// +17% writes per CPU-second with mimalloc). It also keeps freed memory of
+// one thread reusable by others, so resident memory does not creep up with
+// per-thread arenas, and it serves 32 MiB write payloads from reused
+// segments rather than a fresh mmap (and kernel page zeroing) per request.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
-    // Few malloc arenas: with one per thread, freed metadata buffers stay
-    // resident and the daemon's memory creeps up with the data written.
-    // Write payloads (up to 32 MiB each) come from the heap, not from a fresh
-    // mmap per request: page faults and the kernel zeroing new pages were a
-    // sixth of the daemon's CPU under 1 MiB writes. Up to 64 MiB of freed
-    // heap stays mapped for the next requests.
-    // SAFETY: allocator tuning only, before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-    }
     let args = ballast_server::daemon::Args::parse();
     ballast_server::daemon::init_logging(args.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()

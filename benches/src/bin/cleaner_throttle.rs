@@ -57,7 +57,6 @@ async fn clean_until(engine: Engine, stop: Arc<AtomicBool>, freed: Arc<AtomicUsi
 }
 
 fn main() -> anyhow::Result<()> {
-    ballast_benches::limit_malloc_arenas();
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let secs = Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(5));

@@ -13,7 +13,6 @@
 use ballast_engine::VolumeOptions;
 
 fn main() -> anyhow::Result<()> {
-    ballast_benches::limit_malloc_arenas();
     let gib: u64 = std::env::args()
         .nth(1)
         .map(|s| s.parse())

@@ -114,7 +114,6 @@ async fn measure(
 }
 
 fn main() -> anyhow::Result<()> {
-    ballast_benches::limit_malloc_arenas();
     let mut args = std::env::args().skip(1);
     let rounds: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let secs = Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(5));
