@@ -141,6 +141,25 @@ pub fn is_mounted(dir: &Path) -> bool {
     })
 }
 
+/// How long an unmount keeps retrying while the file is busy: a loop device
+/// released just before (`losetup -d` after unmounting its filesystem, as
+/// the Docker plugin does) lets go of its backing file asynchronously, a
+/// few milliseconds later; the plugin's detach raced with that.
+const BUSY_GRACE: Duration = Duration::from_secs(3);
+
+/// `umount`, retried while it fails with EBUSY for up to [`BUSY_GRACE`].
+async fn umount_when_released(dir: &Path) -> std::io::Result<()> {
+    let deadline = Instant::now() + BUSY_GRACE;
+    loop {
+        match umount(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Unmount a FUSE attachment and wait for its server's final flush.
 pub async fn stop(reg: &Registry, rec: &Record) -> Result<(), AttachError> {
     let a = &rec.attachment;
@@ -163,7 +182,7 @@ pub async fn stop(reg: &Registry, rec: &Record) -> Result<(), AttachError> {
             }),
         };
     }
-    match umount(dir) {
+    match umount_when_released(dir).await {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
             return Err(AttachError::Busy {
