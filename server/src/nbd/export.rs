@@ -68,18 +68,6 @@ impl Payload {
             (from < to).then(|| p.slice(from - lo..to - lo))
         })
     }
-
-    /// The bytes as one buffer (no copy when there is one piece).
-    pub fn to_bytes(&self) -> Bytes {
-        if let [one] = &self.parts[..] {
-            return one.clone();
-        }
-        let mut out = bytes::BytesMut::with_capacity(self.len);
-        for p in &self.parts {
-            out.extend_from_slice(p);
-        }
-        out.freeze()
-    }
 }
 
 impl From<Bytes> for Payload {
@@ -257,7 +245,6 @@ mod tests {
         assert!(join(12, 5).is_empty());
         // No empty pieces: each one becomes an iovec.
         assert!(p.pieces(0, 12).all(|b| !b.is_empty()));
-        assert_eq!(&p.to_bytes()[..], b"abcdefghijkl");
         let one = Payload::from(Bytes::from_static(b"xyz"));
         assert_eq!(
             one.pieces(1, 1).collect::<Vec<_>>(),
