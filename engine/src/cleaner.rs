@@ -39,7 +39,7 @@ pub(crate) async fn run(inner: Weak<Inner>) {
         };
         wake.await;
         let Some(i) = inner.upgrade() else { return };
-        if i.shutting_down.load(Ordering::Relaxed) || i.failed.lock().is_some() {
+        if i.shutting_down.load(Ordering::Relaxed) || i.failed.get().is_some() {
             continue;
         }
         let pressure = under_pressure(&i);

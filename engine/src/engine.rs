@@ -40,7 +40,9 @@ pub(crate) struct Inner {
     frozen: AtomicBool,
     commits_started: AtomicU64,
     commits_done: tokio::sync::watch::Sender<u64>,
-    pub failed: Mutex<Option<String>>,
+    /// Why commits stopped, set once by the first failed commit (every
+    /// write checks it, so a lock-free read).
+    pub failed: std::sync::OnceLock<String>,
     pub checksum_errors: AtomicU64,
     pub shutting_down: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -187,7 +189,7 @@ impl Engine {
             frozen: AtomicBool::new(false),
             commits_started: AtomicU64::new(0),
             commits_done: done_tx,
-            failed: Mutex::new(None),
+            failed: std::sync::OnceLock::new(),
             checksum_errors: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -260,7 +262,7 @@ impl Engine {
                 tokio::time::sleep(interval).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let dirty = !inner.state.lock().cur.is_empty();
-                if dirty && inner.failed.lock().is_none() {
+                if dirty && inner.failed.get().is_none() {
                     if let Err(e) = inner.flush().await {
                         tracing::error!(error = %e, "background commit failed");
                     }
@@ -858,7 +860,7 @@ impl Inner {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(EngineError::ShuttingDown);
         }
-        if let Some(why) = &*self.failed.lock() {
+        if let Some(why) = self.failed.get() {
             return Err(EngineError::FailedPrecondition(format!(
                 "the engine stopped accepting writes after an earlier failure ({why}): restart ballastd"
             )));
@@ -880,7 +882,7 @@ impl Inner {
             if self.frozen.load(Ordering::SeqCst) {
                 return Err(EngineError::ShuttingDown);
             }
-            if let Some(why) = &*self.failed.lock() {
+            if let Some(why) = self.failed.get() {
                 return Err(EngineError::FailedPrecondition(format!(
                     "cannot flush after an earlier failure ({why}): restart ballastd"
                 )));
@@ -893,7 +895,7 @@ impl Inner {
                 let r = inner.commit().await;
                 if let Err(e) = &r {
                     tracing::error!(error = %e, "commit failed; refusing further writes");
-                    *inner.failed.lock() = Some(e.to_string());
+                    let _ = inner.failed.set(e.to_string());
                 }
                 drop(guard);
                 r
@@ -961,7 +963,18 @@ impl Inner {
         }
         // 3. One atomic metadata batch.
         let meta = &self.meta;
-        let mut batch = meta.db.batch();
+        // Sized up front: grown by doubling, a large batch's vector was
+        // copied and faulted in fresh (huge) pages several times per commit.
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(
+            meta.db.clone(),
+            ov.blocks.len()
+                + ov.records.len()
+                + ov.seg_live.len()
+                + written.len()
+                + ov.touched.len()
+                + ov.deleted_volumes.len()
+                + 64,
+        );
         // In key order: fjall inserts a batch into its memtable skiplists in
         // batch order, and consecutive searches for nearby keys find the
         // skiplist's nodes still in the CPU caches (the overlay's hash maps
@@ -1061,8 +1074,18 @@ impl Inner {
             serde_json::to_vec(&counters).map_err(|e| EngineError::Meta(e.to_string()))?,
         );
         let n_entries = batch.len();
-        batch.commit()?;
-        meta.persist()?;
+        // Off the runtime's workers: the journal's fsync blocks, and so may
+        // fjall's own write throttling (it sleeps while its level 0 is
+        // crowded or too many memtables wait for a flush).
+        let db = meta.db.clone();
+        self.rt
+            .spawn_blocking(move || -> Result<()> {
+                batch.commit()?;
+                db.persist(fjall::PersistMode::SyncAll)?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| EngineError::Meta(format!("the metadata commit thread died: {e}")))??;
         // Before publishing: until then the frozen overlay shadows these keys.
         meta.entries.apply(&ov);
         // Blocks whose record died can only be read again if the same
