@@ -17,6 +17,7 @@
 //!   released only once the reply is written: a client that does not read its
 //!   replies stops the reader, so memory stays bounded.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -195,10 +196,10 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
         let hlen = self.mode.request_len();
         let mut hdr = [0u8; proto::EXTENDED_REQUEST_LEN];
         loop {
-            let read = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => return End::Stopped,
-                r = self.rd.read_exact(&mut hdr[..hlen]) => r,
+            let read = match unless_stopped(&self.stop, self.rd.read_exact(&mut hdr[..hlen])).await
+            {
+                Ok(r) => r,
+                Err(end) => return end,
             };
             match read {
                 Ok(_) => {}
@@ -245,6 +246,15 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 _bytes: b,
             }
         };
+        let mut acquire = std::pin::pin!(acquire);
+        // Permits are usually free: take them without registering with the
+        // cancellation token (see `unless_stopped`).
+        if let Poll::Ready(p) = acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(noop_waker_ref()))
+        {
+            return Ok(p);
+        }
         tokio::select! {
             biased;
             p = acquire => Ok(p),
@@ -300,11 +310,7 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             }
             Ok(())
         };
-        let r = tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => return Err(End::Stopped),
-            r = fill => r,
-        };
+        let r = unless_stopped(&self.stop, fill).await?;
         match r {
             Ok(()) => Ok(buf.freeze()),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(End::Eof),
@@ -650,6 +656,30 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             self.start(&req, permits, fut, status_body).await;
         }
         Ok(())
+    }
+}
+
+/// `fut`'s output, unless `stop` has fired or fires before it is done.
+///
+/// On a busy connection most reads complete at once from bytes already
+/// received: those skip registering with the cancellation token, whose
+/// waiter list takes a mutex to join and again to leave (three times per
+/// request, 3% of ballastd's CPU under 4 KiB random writes).
+async fn unless_stopped<F: Future>(stop: &CancellationToken, fut: F) -> Result<F::Output, End> {
+    if stop.is_cancelled() {
+        return Err(End::Stopped);
+    }
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(v) = fut
+        .as_mut()
+        .poll(&mut Context::from_waker(noop_waker_ref()))
+    {
+        return Ok(v);
+    }
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => Err(End::Stopped),
+        v = fut => Ok(v),
     }
 }
 
