@@ -569,6 +569,76 @@ fn pipelined_requests_complete_out_of_order_and_overlapping_writes_keep_order() 
 }
 
 #[test]
+fn large_writes_on_their_own_task_keep_arrival_order_with_later_overlapping_writes() {
+    // Writes of 64 KiB and more are applied on a task of their own; a later
+    // write, trim or zeroing that overlaps one must still take effect after
+    // it. Each 64 KiB region gets a large write, then a 4 KiB write (or a
+    // trim, or zeroes) inside it, all pipelined.
+    const REGION: u64 = 64 * 1024;
+    const REGIONS: u64 = 96;
+    let c = MemoryCatalog::new();
+    let disk = c.add("disk", MemoryExport::new(REGIONS * REGION));
+    let srv = TestServer::start(Arc::new(c), NbdConfig::default());
+    let mut h = RawClient::connect(srv.addr, "disk", true, false);
+    let mut batch = Vec::new();
+    for i in 0..REGIONS {
+        let base = i * REGION;
+        batch.extend_from_slice(&h.request_bytes(0, proto::CMD_WRITE, 2 * i, base, REGION));
+        batch.extend(std::iter::repeat_n(0xAA, REGION as usize));
+        match i % 3 {
+            0 => {
+                batch.extend_from_slice(&h.request_bytes(
+                    0,
+                    proto::CMD_WRITE,
+                    2 * i + 1,
+                    base + 4096,
+                    4096,
+                ));
+                batch.extend(std::iter::repeat_n(0xBB, 4096));
+            }
+            1 => batch.extend_from_slice(&h.request_bytes(
+                0,
+                proto::CMD_TRIM,
+                2 * i + 1,
+                base + 4096,
+                4096,
+            )),
+            _ => batch.extend_from_slice(&h.request_bytes(
+                0,
+                proto::CMD_WRITE_ZEROES,
+                2 * i + 1,
+                base + 4096,
+                4096,
+            )),
+        }
+    }
+    std::io::Write::write_all(&mut h.s, &batch).unwrap();
+    for _ in 0..2 * REGIONS {
+        let (e, _) = h.status_reply().unwrap();
+        assert_eq!(e, 0);
+    }
+    for i in 0..REGIONS {
+        let base = i * REGION;
+        let want = if i % 3 == 0 { 0xBB } else { 0 };
+        assert_eq!(
+            disk.read_now(base, 4096),
+            vec![0xAA; 4096],
+            "region {i}, first block"
+        );
+        assert_eq!(
+            disk.read_now(base + 4096, 4096),
+            vec![want; 4096],
+            "region {i}: the later request lost"
+        );
+        assert_eq!(
+            disk.read_now(base + 8192, 4096),
+            vec![0xAA; 4096],
+            "region {i}, third block"
+        );
+    }
+}
+
+#[test]
 fn shutdown_finishes_in_flight_requests_and_flushes() {
     let c = MemoryCatalog::new();
     let disk = c.add(

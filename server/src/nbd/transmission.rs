@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::task::noop_waker_ref;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::export::{Export, ExportError, ExportFuture, Extent, Payload};
@@ -129,6 +129,11 @@ struct Reader<'a, R> {
     byte_units: u32,
     stop: CancellationToken,
     dirty: bool,
+    /// Writes running on their own task (see `handle_write`) and the range
+    /// each covers, until they are done: a later write-type request that
+    /// overlaps one waits for it, so a connection's overlapping writes take
+    /// effect in arrival order.
+    offloaded: Vec<(u64, u64, oneshot::Receiver<()>)>,
 }
 
 /// Runs the transmission phase until the client disconnects, a protocol
@@ -171,6 +176,7 @@ where
         byte_units: byte_units as u32,
         stop: conn_stop.clone(),
         dirty: false,
+        offloaded: Vec::new(),
     };
     let end = r.run().await;
     let dirty = r.dirty;
@@ -316,6 +322,22 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(End::Eof),
             Err(e) => Err(End::Io(e)),
         }
+    }
+
+    /// Waits until no write still running on its own task overlaps
+    /// `offset..offset + len` (see `offloaded`).
+    async fn after_overlapping_writes(&mut self, offset: u64, len: u64) -> Result<(), End> {
+        self.offloaded.retain_mut(|(_, _, rx)| {
+            matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+        });
+        let end = offset.saturating_add(len);
+        for (start, stop, rx) in self.offloaded.iter_mut() {
+            if *start < end && offset < *stop {
+                // Err: the write's task has ended (the sender is dropped).
+                let _ = unless_stopped(&self.stop, rx).await?;
+            }
+        }
+        Ok(())
     }
 
     fn out_of_range(&self, offset: u64, len: u64) -> bool {
@@ -528,6 +550,8 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 let Some(permits) = self.admit(&req, true, proto::EINVAL, "trim").await? else {
                     return Ok(());
                 };
+                self.after_overlapping_writes(req.offset, req.length)
+                    .await?;
                 let fut = self.export.trim(req.offset, req.length, fua);
                 self.start(&req, permits, fut, status_body).await;
             }
@@ -545,6 +569,8 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 let Some(permits) = admitted.await? else {
                     return Ok(());
                 };
+                self.after_overlapping_writes(req.offset, req.length)
+                    .await?;
                 let no_hole = req.flags & proto::CMD_FLAG_NO_HOLE != 0;
                 let fast = req.flags & proto::CMD_FLAG_FAST_ZERO != 0;
                 let fut = self
@@ -641,6 +667,8 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             return Ok(());
         }
         self.dirty = true;
+        self.after_overlapping_writes(req.offset, req.length)
+            .await?;
         if data.len() >= OFFLOAD_WRITE_BYTES {
             // The export hashes and compresses a write before its future
             // exists; for a large one, do that on another task so this
@@ -648,8 +676,14 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             // connection's sequential writes then use more than one core).
             let export = self.export.clone();
             let offset = req.offset;
-            let fut: ExportFuture<()> =
-                Box::pin(async move { export.write(offset, data, fua).await });
+            let (done, done_rx) = oneshot::channel::<()>();
+            self.offloaded
+                .push((req.offset, req.offset.saturating_add(req.length), done_rx));
+            let fut: ExportFuture<()> = Box::pin(async move {
+                let r = export.write(offset, data, fua).await;
+                drop(done);
+                r
+            });
             self.finish_in_task(&req, permits, fut, status_body);
         } else {
             let fut = self.export.write(req.offset, data, fua);
