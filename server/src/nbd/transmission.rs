@@ -331,8 +331,8 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
         });
         let end = offset.saturating_add(len);
-        for (start, stop, rx) in self.offloaded.iter_mut() {
-            if *start < end && offset < *stop {
+        for (first, past, rx) in self.offloaded.iter_mut() {
+            if *first < end && offset < *past {
                 // Err: the write's task has ended (the sender is dropped).
                 let _ = unless_stopped(&self.stop, rx).await?;
             }
