@@ -1081,8 +1081,7 @@ impl Inner {
         self.rt
             .spawn_blocking(move || -> Result<()> {
                 batch.commit()?;
-                db.persist(fjall::PersistMode::SyncAll)?;
-                Ok(())
+                Meta::persist_db(&db)
             })
             .await
             .map_err(|e| EngineError::Meta(format!("the metadata commit thread died: {e}")))??;

@@ -160,7 +160,13 @@ impl Meta {
     }
 
     pub fn persist(&self) -> Result<()> {
-        self.db.persist(PersistMode::SyncAll)?;
+        Meta::persist_db(&self.db)
+    }
+
+    /// Makes fjall's journal durable; for callers that hold only a clone of
+    /// the database (the commit, on a blocking thread).
+    pub fn persist_db(db: &Database) -> Result<()> {
+        db.persist(PersistMode::SyncAll)?;
         Ok(())
     }
 
