@@ -983,10 +983,8 @@ impl Inner {
         blocks.sort_unstable_by_key(|(k, _)| **k);
         for (&(v, lba), k) in blocks {
             match k {
-                Some(k) => {
-                    batch.insert(&meta.blocks, map_key(v, lba).to_vec(), k.encode().to_vec())
-                }
-                None => batch.remove(&meta.blocks, map_key(v, lba).to_vec()),
+                Some(k) => batch.insert(&meta.blocks, map_key(v, lba), k.encode()),
+                None => batch.remove(&meta.blocks, map_key(v, lba)),
             }
         }
         let mut records: Vec<_> = ov.records.iter().collect();
@@ -999,9 +997,9 @@ impl Inner {
                     if let Some(f) = &meta.record_filter {
                         f.insert(k);
                     }
-                    batch.insert(&meta.records, k.encode().to_vec(), m.encode().to_vec())
+                    batch.insert(&meta.records, k.encode(), m.encode())
                 }
-                None => batch.remove(&meta.records, k.encode().to_vec()),
+                None => batch.remove(&meta.records, k.encode()),
             }
         }
         let mut new_live: Vec<(SegmentId, u64)> = Vec::new();
@@ -1024,20 +1022,19 @@ impl Inner {
                 new_live.push((id, live));
                 batch.insert(
                     &meta.segments,
-                    id.encode().to_vec(),
+                    id.encode(),
                     SegmentRecord {
                         live_bytes: live,
                         written_bytes: w,
                     }
-                    .encode()
-                    .to_vec(),
+                    .encode(),
                 );
             }
             std::mem::take(&mut space.released)
         };
         for id in &released {
             if !new_live.iter().any(|(s, _)| s == id) {
-                batch.remove(&meta.segments, id.encode().to_vec());
+                batch.remove(&meta.segments, id.encode());
             }
         }
         let catalog: Vec<Arc<VolumeShared>> = self.catalog.read().values().cloned().collect();

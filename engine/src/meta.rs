@@ -244,6 +244,9 @@ impl Meta {
 
     /// The committed record-index entry of `key` (entry cache, filter, store).
     pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+        if self.filter_rules_out(key) {
+            return Ok(None);
+        }
         match self.entries.record(key) {
             Some(v) => Ok(v),
             None => self.record_from_store(key),
@@ -252,6 +255,9 @@ impl Meta {
 
     /// As `record`, filling the entry cache on a miss (see `block_filling`).
     pub fn record_filling(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+        if self.filter_rules_out(key) {
+            return Ok(None);
+        }
         if let Some(v) = self.entries.record(key) {
             return Ok(v);
         }
@@ -263,14 +269,21 @@ impl Meta {
         Ok(v)
     }
 
-    fn record_from_store(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
-        if self
-            .record_filter
+    /// Whether the record filter says `key` is certainly not committed.
+    /// Asked before the entry cache: new content (nearly every unique block
+    /// written) is a filter "no" in tens of nanoseconds, where the cache's
+    /// miss is a hash probe into a table far larger than the CPU caches
+    /// (4% of ballastd's CPU under 1 MiB NBD writes). The cache never holds
+    /// a record the filter lacks: it holds only committed records (filled
+    /// from store hits, or applied by a commit after its keys entered the
+    /// filter), and `record_filter` keeps every committed key once ready.
+    fn filter_rules_out(&self, key: &BlockKey) -> bool {
+        self.record_filter
             .as_ref()
             .is_some_and(|f| !f.may_contain(key))
-        {
-            return Ok(None);
-        }
+    }
+
+    fn record_from_store(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
         match self.records.get(key.encode())? {
             None => Ok(None),
             Some(v) => RecordMeta::decode(&v)
