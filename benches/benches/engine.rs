@@ -173,6 +173,26 @@ fn codecs(c: &mut Criterion) {
             b.iter(|| lz4_flex::block::decompress(c, size).unwrap())
         });
     }
+    // What every unique block costs before any metadata, I/O or protocol
+    // work: the hash that names it, the lz4 attempt (kept raw when it does
+    // not pay, as random data never does) and the crc32 of the stored bytes.
+    // Incompressible data, as fio's `--refill_buffers` writes: this bounds
+    // how fast 1 MiB NBD writes can go on a given number of cores.
+    let mut block = vec![0u8; 4096];
+    Xorshift(11).fill(&mut block);
+    // The compressor's table is reused across blocks, as the engine does.
+    let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(block.len())];
+    let mut table = lz4_flex::block::CompressTable::small();
+    g.throughput(Throughput::Bytes(block.len() as u64));
+    g.bench_function(BenchmarkId::new("block_floor_incompressible", 4096), |b| {
+        b.iter(|| {
+            let h = blake3::hash(&block);
+            let n = lz4_flex::block::compress_into_with_table(&block, &mut out, &mut table)
+                .expect("the output buffer has lz4's worst-case size");
+            let stored: &[u8] = if n < block.len() { &out[..n] } else { &block };
+            (h, crc32fast::hash(stored))
+        })
+    });
     g.finish();
 }
 
