@@ -12,11 +12,15 @@
 //!   and before it publishes (drops the frozen overlay). Until then the
 //!   frozen overlay shadows these keys for every lookup, so nobody reads them
 //!   from here half-updated.
-//! - A miss is filled from the store only by writers holding the state lock
-//!   (`Txn`) and only for keys in neither overlay: such a key cannot change in
-//!   the store meanwhile (only frozen-overlay keys do), and the lock orders
-//!   the fill before any later change to the key. Readers that leave the
-//!   lock before going to the store never fill.
+//! - A block-map miss is filled from the store only by writers holding the
+//!   state lock (`Txn`) and only for keys in neither overlay: such a key
+//!   cannot change in the store meanwhile (only frozen-overlay keys do), and
+//!   the lock orders the fill before any later change to the key. Readers
+//!   that leave the lock before going to the store never fill. Nor does a
+//!   writer fill what it is about to change (nearly every lookup: the old
+//!   mapping of a block written, the record whose count it moves), since the
+//!   commit landing the change caches the new entry; record-index entries
+//!   enter the cache only that way.
 //! - Negative entries ("unmapped", "no such record") are cached too;
 //!   volume ids are never reused, so a deleted volume's entries just age out.
 //!   Except that a commit drops the records that died rather than caching
@@ -67,12 +71,6 @@ impl EntryCache {
     pub fn fill_block(&self, volume: u32, lba: u64, v: Option<BlockKey>) {
         if let Some(c) = &self.blocks {
             c.insert((volume, lba), v);
-        }
-    }
-
-    pub fn fill_record(&self, key: BlockKey, v: Option<RecordMeta>) {
-        if let Some(c) = &self.records {
-            c.insert(key, v);
         }
     }
 
@@ -140,7 +138,9 @@ mod tests {
         let c = EntryCache::new(4 << 20);
         c.fill_block(1, 7, Some(key(1)));
         c.fill_block(1, 8, None);
-        c.fill_record(key(1), Some(meta(1)));
+        let mut first = Overlay::default();
+        first.records.insert(key(1), Some(meta(1)));
+        c.apply(&first);
         assert_eq!(c.block(1, 7), Some(Some(key(1))));
         assert_eq!(c.block(1, 8), Some(None));
         assert_eq!(c.block(1, 9), None, "never seen: not cached");

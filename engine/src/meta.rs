@@ -32,8 +32,12 @@ pub(crate) struct Meta {
 /// Whether a store read may fill the entry cache: only for writers holding
 /// the state lock, for keys in neither overlay (see `entry_cache`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum CacheFill {
-    Allowed,
+pub(crate) enum CacheFill<'a> {
+    /// Only where the committed mapping equals the caller's new one, at the
+    /// same index: a writer about to change a mapping puts the new one in
+    /// the live overlay, and the commit that lands it puts it in the cache,
+    /// so filling the old one would only cost an insert (and an eviction).
+    Unchanged(&'a [Option<BlockKey>]),
     Never,
 }
 
@@ -202,7 +206,7 @@ impl Meta {
         lba0: u64,
         misses: &[usize],
         out: &mut [Option<BlockKey>],
-        fill: CacheFill,
+        fill: CacheFill<'_>,
     ) -> Result<()> {
         let mut rest = Vec::with_capacity(misses.len());
         for &i in misses {
@@ -225,8 +229,10 @@ impl Meta {
                 Some(f) => f.get(&lba).copied(),
                 None => self.block_from_store(volume, lba)?,
             };
-            if matches!(fill, CacheFill::Allowed) {
-                self.entries.fill_block(volume, lba, v);
+            if let CacheFill::Unchanged(new) = fill {
+                if new[i] == v {
+                    self.entries.fill_block(volume, lba, v);
+                }
             }
             out[i] = v;
         }
@@ -251,22 +257,6 @@ impl Meta {
             Some(v) => Ok(v),
             None => self.record_from_store(key),
         }
-    }
-
-    /// As `record`, filling the entry cache on a miss (see `block_filling`).
-    pub fn record_filling(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
-        if self.filter_rules_out(key) {
-            return Ok(None);
-        }
-        if let Some(v) = self.entries.record(key) {
-            return Ok(v);
-        }
-        let v = self.record_from_store(key)?;
-        // A filter "no" is cheaper than a cache slot: cache only store hits.
-        if v.is_some() {
-            self.entries.fill_record(*key, v);
-        }
-        Ok(v)
     }
 
     /// Whether the record filter says `key` is certainly not committed.

@@ -88,7 +88,11 @@ impl Txn<'_> {
                 return Ok(*v);
             }
         }
-        self.meta.record_filling(key)
+        // Not filling the entry cache: every writer that looks a record up
+        // then changes it in the live overlay (a reference taken or
+        // dropped, a move), and the commit that lands the change caches the
+        // new entry; a fill would be an insert that nobody reads.
+        self.meta.record(key)
     }
 
     /// Add a freshly written record (no references yet).
@@ -178,7 +182,7 @@ impl Txn<'_> {
     /// old one is dropped, so content that moves between blocks of the same
     /// batch never passes through a zero count.
     pub fn set_blocks(&mut self, volume: u32, lba0: u64, keys: &[Option<BlockKey>]) -> Result<()> {
-        let olds = self.old_mappings(volume, lba0, keys.len())?;
+        let olds = self.old_mappings(volume, lba0, keys)?;
         let mut dropped = Vec::new();
         for (i, (new, old)) in keys.iter().zip(olds).enumerate() {
             let lba = lba0 + i as u64;
@@ -205,10 +209,16 @@ impl Txn<'_> {
         Ok(())
     }
 
-    /// Current mappings of `n` blocks from `lba0`: overlays, then the
-    /// committed entries (filling the entry cache).
-    fn old_mappings(&self, volume: u32, lba0: u64, n: usize) -> Result<Vec<Option<BlockKey>>> {
-        let mut out = vec![None; n];
+    /// Current mappings of the blocks from `lba0` that `new` is about to
+    /// replace: overlays, then the committed entries (filling the entry
+    /// cache with those `new` leaves as they are).
+    fn old_mappings(
+        &self,
+        volume: u32,
+        lba0: u64,
+        new: &[Option<BlockKey>],
+    ) -> Result<Vec<Option<BlockKey>>> {
+        let mut out = vec![None; new.len()];
         let mut misses = Vec::new();
         for (i, slot) in out.iter_mut().enumerate() {
             match self.block_in_overlays(volume, lba0 + i as u64) {
@@ -217,7 +227,7 @@ impl Txn<'_> {
             }
         }
         self.meta
-            .committed_blocks(volume, lba0, &misses, &mut out, CacheFill::Allowed)?;
+            .committed_blocks(volume, lba0, &misses, &mut out, CacheFill::Unchanged(new))?;
         Ok(out)
     }
 
