@@ -21,10 +21,10 @@
 //!   mapping of a block written, the record whose count it moves), since the
 //!   commit landing the change caches the new entry; record-index entries
 //!   enter the cache only that way.
-//! - Negative entries ("unmapped", "no such record") are cached too;
-//!   volume ids are never reused, so a deleted volume's entries just age out.
-//!   Except that a commit drops the records that died rather than caching
-//!   their absence: under overwrites every write kills one, and those
+//! - Negative block entries ("unmapped") are cached too; volume ids are
+//!   never reused, so a deleted volume's entries just age out. Absent
+//!   records are not: a commit drops the records that died rather than
+//!   caching their absence: under overwrites every write kills one, and those
 //!   entries, never asked for again, would evict the live ones.
 
 use crate::key::{BlockKey, RecordMeta};

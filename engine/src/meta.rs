@@ -183,16 +183,36 @@ impl Meta {
         }
     }
 
-    /// The committed mapping of one block (entry cache, then store), filling
-    /// the entry cache on a miss: only for callers that hold the state lock
-    /// and found the key in neither overlay.
-    pub fn block_filling(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
+    /// The committed mapping of one block that the caller is about to set to
+    /// `new` (entry cache, then store): only for callers that hold the state
+    /// lock and found the key in neither overlay. A store read fills the
+    /// entry cache as `CacheFill::Unchanged` says.
+    pub fn block_before_change(
+        &self,
+        volume: u32,
+        lba: u64,
+        new: Option<BlockKey>,
+    ) -> Result<Option<BlockKey>> {
         if let Some(v) = self.entries.block(volume, lba) {
             return Ok(v);
         }
         let v = self.block_from_store(volume, lba)?;
-        self.entries.fill_block(volume, lba, v);
+        self.fill_block_if_unchanged(volume, lba, v, new);
         Ok(v)
+    }
+
+    /// Cache a committed mapping read from the store, unless the caller is
+    /// about to replace it (see `CacheFill::Unchanged`).
+    fn fill_block_if_unchanged(
+        &self,
+        volume: u32,
+        lba: u64,
+        committed: Option<BlockKey>,
+        new: Option<BlockKey>,
+    ) {
+        if committed == new {
+            self.entries.fill_block(volume, lba, committed);
+        }
     }
 
     /// The committed mappings of blocks `lba0 + i`, for each `i` in
@@ -230,9 +250,7 @@ impl Meta {
                 None => self.block_from_store(volume, lba)?,
             };
             if let CacheFill::Unchanged(new) = fill {
-                if new[i] == v {
-                    self.entries.fill_block(volume, lba, v);
-                }
+                self.fill_block_if_unchanged(volume, lba, v, new[i]);
             }
             out[i] = v;
         }
@@ -248,7 +266,7 @@ impl Meta {
         }
     }
 
-    /// The committed record-index entry of `key` (entry cache, filter, store).
+    /// The committed record-index entry of `key` (filter, entry cache, store).
     pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
         if self.filter_rules_out(key) {
             return Ok(None);
@@ -264,9 +282,9 @@ impl Meta {
     /// written) is a filter "no" in tens of nanoseconds, where the cache's
     /// miss is a hash probe into a table far larger than the CPU caches
     /// (4% of ballastd's CPU under 1 MiB NBD writes). The cache never holds
-    /// a record the filter lacks: it holds only committed records (filled
-    /// from store hits, or applied by a commit after its keys entered the
-    /// filter), and `record_filter` keeps every committed key once ready.
+    /// a record the filter lacks: records enter it only from a commit, after
+    /// the commit's keys entered the filter, and `record_filter` keeps every
+    /// committed key once ready.
     fn filter_rules_out(&self, key: &BlockKey) -> bool {
         self.record_filter
             .as_ref()

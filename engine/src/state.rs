@@ -61,13 +61,6 @@ pub(crate) struct Txn<'a> {
 }
 
 impl Txn<'_> {
-    pub fn block(&self, volume: u32, lba: u64) -> Result<Option<BlockKey>> {
-        match self.block_in_overlays(volume, lba) {
-            Some(v) => Ok(v),
-            None => self.meta.block_filling(volume, lba),
-        }
-    }
-
     /// The mapping as changed since the last commit, if it was.
     fn block_in_overlays(&self, volume: u32, lba: u64) -> Option<Option<BlockKey>> {
         if let Some(v) = self.st.cur.blocks.get(&(volume, lba)) {
@@ -158,7 +151,10 @@ impl Txn<'_> {
 
     /// Map (or unmap, with `None`) one block. The new record must exist.
     pub fn set_block(&mut self, volume: u32, lba: u64, new: Option<BlockKey>) -> Result<()> {
-        let old = self.block(volume, lba)?;
+        let old = match self.block_in_overlays(volume, lba) {
+            Some(v) => v,
+            None => self.meta.block_before_change(volume, lba, new)?,
+        };
         if old == new {
             return Ok(());
         }
