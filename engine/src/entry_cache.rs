@@ -28,8 +28,8 @@
 //!   entries, never asked for again, would evict the live ones.
 
 use crate::key::{BlockKey, RecordMeta};
+use crate::shard_cache::ShardCache;
 use crate::state::Overlay;
-use quick_cache::sync::Cache;
 use quick_cache::UnitWeighter;
 
 /// Bytes one cached entry costs: key, value and the cache's bookkeeping
@@ -38,8 +38,8 @@ use quick_cache::UnitWeighter;
 const ENTRY_BYTES: u64 = 160;
 
 pub(crate) struct EntryCache {
-    blocks: Option<Cache<(u32, u64), Option<BlockKey>, UnitWeighter>>,
-    records: Option<Cache<BlockKey, Option<RecordMeta>, UnitWeighter>>,
+    blocks: Option<ShardCache<(u32, u64), Option<BlockKey>, UnitWeighter>>,
+    records: Option<ShardCache<BlockKey, Option<RecordMeta>, UnitWeighter>>,
 }
 
 impl EntryCache {
@@ -53,14 +53,28 @@ impl EntryCache {
             };
         }
         EntryCache {
-            blocks: Some(Cache::new(per_kind)),
-            records: Some(Cache::new(per_kind)),
+            blocks: Some(ShardCache::new(per_kind, per_kind as u64, UnitWeighter)),
+            records: Some(ShardCache::new(per_kind, per_kind as u64, UnitWeighter)),
         }
     }
 
     /// `Some(mapping)` if cached (the mapping itself may be "unmapped").
     pub fn block(&self, volume: u32, lba: u64) -> Option<Option<BlockKey>> {
         self.blocks.as_ref()?.get(&(volume, lba))
+    }
+
+    /// The cached mappings of blocks `lba0 + i` for each `i` in `at`:
+    /// `found(i, mapping)` for each one cached. One lock hold per shard.
+    pub fn blocks(
+        &self,
+        volume: u32,
+        lba0: u64,
+        at: &[usize],
+        mut found: impl FnMut(usize, Option<BlockKey>),
+    ) {
+        let Some(c) = &self.blocks else { return };
+        let keys: Vec<(u32, u64)> = at.iter().map(|&i| (volume, lba0 + i as u64)).collect();
+        c.get_many(&keys, |j, v| found(at[j], v));
     }
 
     pub fn record(&self, key: &BlockKey) -> Option<Option<RecordMeta>> {
@@ -77,22 +91,14 @@ impl EntryCache {
     /// A committed overlay: its changes are now what the store holds.
     pub fn apply(&self, ov: &Overlay) {
         if let Some(c) = &self.blocks {
-            for (&k, &v) in &ov.blocks {
-                c.insert(k, v);
-            }
+            c.update_many(ov.blocks.iter().map(|(&k, &v)| (k, Some(v))));
         }
         if let Some(c) = &self.records {
-            for (&k, &v) in &ov.records {
-                match v {
-                    Some(_) => c.insert(k, v),
-                    // A dead record is looked up again only if its content
-                    // is written again; caching its absence would push live
-                    // records out under overwrites (one dead per write).
-                    None => {
-                        c.remove(&k);
-                    }
-                }
-            }
+            // A dead record (`None`) is removed, not cached as absent: it is
+            // looked up again only if its content is written again, and
+            // caching its absence would push live records out under
+            // overwrites (one dead per write).
+            c.update_many(ov.records.iter().map(|(&k, &v)| (k, v.map(Some))));
         }
     }
 

@@ -16,6 +16,8 @@
 //! - `engine`: opening/recovery, group commit, control operations, stats.
 //! - `volume`: the read and write paths of one volume.
 //! - `read_cache`: decoded blocks by identity, shared by all volumes.
+//! - `shard_cache`: the two caches' storage: quick_cache shards with batch
+//!   lookups and updates that lock each shard once per batch.
 //! - `cleaner`: space reclamation.
 //!
 //! docs/ARCHITECTURE.md describes the formats and the crash-recovery argument.
@@ -30,9 +32,13 @@ mod key;
 mod meta;
 mod pool;
 mod read_cache;
+// Public only for the criterion benchmark that compares it with
+// quick_cache's own locking (benches/benches/cache.rs).
 mod record;
 mod record_filter;
 mod segment;
+#[doc(hidden)]
+pub mod shard_cache;
 mod state;
 mod superblock;
 mod volume;

@@ -228,13 +228,12 @@ impl Meta {
         out: &mut [Option<BlockKey>],
         fill: CacheFill<'_>,
     ) -> Result<()> {
-        let mut rest = Vec::with_capacity(misses.len());
-        for &i in misses {
-            match self.entries.block(volume, lba0 + i as u64) {
-                Some(v) => out[i] = v,
-                None => rest.push(i),
-            }
-        }
+        let mut cached = vec![false; out.len()];
+        self.entries.blocks(volume, lba0, misses, |i, v| {
+            out[i] = v;
+            cached[i] = true;
+        });
+        let rest: Vec<usize> = misses.iter().copied().filter(|&i| !cached[i]).collect();
         let found: Option<std::collections::HashMap<u64, BlockKey>> = match rest[..] {
             [first, .., last] if rest.len() > 4 => Some(
                 self.block_range(volume, lba0 + first as u64, lba0 + last as u64 + 1)?

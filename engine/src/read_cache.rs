@@ -9,8 +9,8 @@
 //! room), which serves read-after-write from memory.
 
 use crate::key::BlockKey;
+use crate::shard_cache::ShardCache;
 use bytes::Bytes;
-use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
 #[derive(Clone)]
@@ -24,18 +24,21 @@ impl Weighter<BlockKey, Bytes> for ByLen {
 }
 
 pub(crate) struct ReadCache {
-    cache: Option<Cache<BlockKey, Bytes, ByLen>>,
+    cache: Option<ShardCache<BlockKey, Bytes, ByLen>>,
 }
 
 impl ReadCache {
     pub fn new(bytes: u64) -> ReadCache {
         let cache =
-            (bytes >= 1 << 20).then(|| Cache::with_weighter((bytes / 4096) as usize, bytes, ByLen));
+            (bytes >= 1 << 20).then(|| ShardCache::new((bytes / 4096) as usize, bytes, ByLen));
         ReadCache { cache }
     }
 
-    pub fn get(&self, key: &BlockKey) -> Option<Bytes> {
-        self.cache.as_ref()?.get(key)
+    /// `found(i, block)` for each `keys[i]` cached; one lock hold per shard.
+    pub fn get_many(&self, keys: &[BlockKey], found: impl FnMut(usize, Bytes)) {
+        if let Some(c) = &self.cache {
+            c.get_many(keys, found);
+        }
     }
 
     pub fn insert(&self, key: BlockKey, block: Bytes) {
@@ -44,12 +47,17 @@ impl ReadCache {
         }
     }
 
+    /// Cache each block, grouped by shard.
+    pub fn insert_many(&self, blocks: impl IntoIterator<Item = (BlockKey, Bytes)>) {
+        if let Some(c) = &self.cache {
+            c.update_many(blocks.into_iter().map(|(k, b)| (k, Some(b))));
+        }
+    }
+
     /// Drop these blocks if cached (their records died).
     pub fn forget<'a>(&self, keys: impl Iterator<Item = &'a BlockKey>) {
         if let Some(c) = &self.cache {
-            for k in keys {
-                c.remove(k);
-            }
+            c.update_many(keys.map(|k| (*k, None)));
         }
     }
 

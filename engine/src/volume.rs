@@ -402,20 +402,18 @@ impl Volume {
             {
                 return Ok(());
             }
-            for (i, k) in keys.iter().enumerate() {
-                if let Some(k) = k {
-                    // A one-block write caches its own buffer; blocks of a
-                    // longer one are copied out, because a slice would keep
-                    // the whole request buffer alive for as long as any of
-                    // its blocks stays cached, far beyond what the cache
-                    // counts against its budget.
-                    let block = if n == 1 {
-                        data.clone()
-                    } else {
-                        Bytes::copy_from_slice(&data[i * bs..(i + 1) * bs])
-                    };
-                    self.inner.read_cache.insert(*k, block);
-                }
+            // A one-block write caches its own buffer; blocks of a longer
+            // one are copied out, because a slice would keep the whole
+            // request buffer alive for as long as any of its blocks stays
+            // cached, far beyond what the cache counts against its budget.
+            if let [Some(k)] = keys[..] {
+                self.inner.read_cache.insert(k, data.clone());
+            } else {
+                self.inner
+                    .read_cache
+                    .insert_many(keys.iter().enumerate().filter_map(|(i, k)| {
+                        k.map(|k| (k, Bytes::copy_from_slice(&data[i * bs..(i + 1) * bs])))
+                    }));
             }
             return Ok(());
         }
@@ -492,34 +490,45 @@ impl Volume {
     /// in memory or from the disks) into one buffer, then cached.
     async fn load_blocks(&self, lba0: u64, keys: &[Option<BlockKey>]) -> Result<Vec<Bytes>> {
         let bs = self.v.block_size as usize;
-        let mut parts = Vec::with_capacity(keys.len());
-        let mut missing: Vec<(usize, BlockKey)> = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
-            match k {
-                None => parts.push(Bytes::from_static(&ZEROS[..bs])),
-                Some(k) => match self.inner.read_cache.get(k) {
-                    Some(b) if b.len() == bs => parts.push(b),
-                    _ => {
-                        missing.push((i, *k));
-                        parts.push(Bytes::new());
-                    }
-                },
+        let mut parts: Vec<Bytes> = keys
+            .iter()
+            .map(|k| match k {
+                None => Bytes::from_static(&ZEROS[..bs]),
+                Some(_) => Bytes::new(),
+            })
+            .collect();
+        let (at, mapped): (Vec<usize>, Vec<BlockKey>) = keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| k.map(|k| (i, k)))
+            .unzip();
+        self.inner.read_cache.get_many(&mapped, |j, b| {
+            if b.len() == bs {
+                parts[at[j]] = b;
             }
-        }
+        });
+        let missing: Vec<(usize, BlockKey)> = at
+            .iter()
+            .zip(&mapped)
+            .filter(|(&i, _)| parts[i].is_empty())
+            .map(|(&i, &k)| (i, k))
+            .collect();
         if missing.is_empty() {
             return Ok(parts);
         }
         let mut buf = BytesMut::zeroed(missing.len() * bs);
         self.read_missing(lba0, &missing, &mut buf).await?;
         let buf = buf.freeze();
-        for (j, (i, k)) in missing.iter().enumerate() {
-            let block = buf.slice(j * bs..(j + 1) * bs);
-            // A copy for the cache: a slice would keep the whole read buffer
-            // alive for as long as any one of its blocks stays cached.
-            self.inner
-                .read_cache
-                .insert(*k, Bytes::copy_from_slice(&block));
-            parts[*i] = block;
+        // Copies for the cache: a slice would keep the whole read buffer
+        // alive for as long as any one of its blocks stays cached.
+        self.inner.read_cache.insert_many(
+            missing
+                .iter()
+                .enumerate()
+                .map(|(j, (_, k))| (*k, Bytes::copy_from_slice(&buf[j * bs..(j + 1) * bs]))),
+        );
+        for (j, (i, _)) in missing.iter().enumerate() {
+            parts[*i] = buf.slice(j * bs..(j + 1) * bs);
         }
         Ok(parts)
     }

@@ -1,0 +1,191 @@
+//! A few `quick_cache` caches behind their own locks, with batch operations
+//! that take each shard's lock once per batch instead of once per key.
+//!
+//! `quick_cache::sync::Cache` locks a shard for every single lookup. A
+//! lookup into a cache far larger than the CPU caches is three dependent
+//! memory misses (control bytes, bucket, slab entry), and the lock's atomic
+//! read-modify-write before each one keeps the processor from overlapping
+//! the misses of consecutive lookups. Reads of many blocks (a 1 MiB read is
+//! 256 block-map and 256 block lookups) and commits (thousands of inserts)
+//! paid that serially: 28% of ballastd's CPU under 1 MiB reads. Grouped by
+//! shard under one lock, the lookups of a batch overlap: 165–190 ns per
+//! lookup instead of 290–330 ns for batches of 32–256 block-map keys, two
+//! threads on this machine's two cores looking up a 1.6 Mi-entry cache
+//! (docs/benchmarks.md, session 9; criterion: `cache` in benches/).
+//!
+//! The eviction policy, weights and bookkeeping are quick_cache's own
+//! (`unsync::Cache`, one per shard); only the locking is here.
+
+use parking_lot::RwLock;
+use quick_cache::unsync::Cache;
+use quick_cache::Weighter;
+use std::hash::{BuildHasher, Hash};
+
+type Hasher = foldhash::fast::RandomState;
+
+/// One shard: quick_cache's single-threaded cache behind its lock.
+type Shard<K, V, W> = RwLock<Cache<K, V, W, Hasher>>;
+
+/// Four shards: enough that two cores rarely meet on one lock, few enough
+/// that a batch of 32 keys still finds several per shard.
+const SHARDS: usize = 4;
+
+/// Keys handled per lock hold in bulk inserts and removals, so a commit of a
+/// large overlay never keeps readers of a shard waiting for long.
+const HOLD_KEYS: usize = 256;
+
+pub struct ShardCache<K, V, W> {
+    shards: Box<[Shard<K, V, W>]>,
+    /// Picks the shard; each shard's table hashes with its own seed, so the
+    /// bits that chose the shard do not skew the table.
+    pick: Hasher,
+}
+
+impl<K, V, W> ShardCache<K, V, W>
+where
+    K: Eq + Hash + Clone,
+    V: Clone,
+    W: Weighter<K, V> + Clone,
+{
+    /// About `items` entries weighing at most `weight` in all.
+    pub fn new(items: usize, weight: u64, weighter: W) -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| {
+                RwLock::new(Cache::with(
+                    items.div_ceil(SHARDS).max(1),
+                    weight.div_ceil(SHARDS as u64).max(1),
+                    weighter.clone(),
+                    Hasher::default(),
+                    Default::default(),
+                ))
+            })
+            .collect();
+        ShardCache {
+            shards,
+            pick: Hasher::default(),
+        }
+    }
+
+    fn shard_of(&self, key: &K) -> usize {
+        // The high bits: foldhash mixes them best.
+        (self.pick.hash_one(key) >> 58) as usize % SHARDS
+    }
+
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.shards[self.shard_of(key)].read().get(key).cloned()
+    }
+
+    /// Look up every key, calling `found(i, value)` for each `keys[i]`
+    /// cached (in shard order, not key order).
+    pub fn get_many(&self, keys: &[K], mut found: impl FnMut(usize, V)) {
+        if let [only] = keys {
+            if let Some(v) = self.get(only) {
+                found(0, v);
+            }
+            return;
+        }
+        let shard: Vec<u8> = keys.iter().map(|k| self.shard_of(k) as u8).collect();
+        for (s, lock) in self.shards.iter().enumerate() {
+            if !shard.contains(&(s as u8)) {
+                continue;
+            }
+            let cache = lock.read();
+            for (i, k) in keys.iter().enumerate() {
+                if shard[i] as usize == s {
+                    if let Some(v) = cache.get(k) {
+                        found(i, v.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn insert(&self, key: K, value: V) {
+        self.shards[self.shard_of(&key)].write().insert(key, value);
+    }
+
+    /// Insert (`Some`) or remove (`None`) each entry, grouped by shard.
+    pub fn update_many(&self, entries: impl IntoIterator<Item = (K, Option<V>)>) {
+        let mut by_shard: [Vec<(K, Option<V>)>; SHARDS] = Default::default();
+        for (k, v) in entries {
+            by_shard[self.shard_of(&k)].push((k, v));
+        }
+        for (lock, list) in self.shards.iter().zip(by_shard) {
+            let mut list = list.into_iter().peekable();
+            while list.peek().is_some() {
+                let mut cache = lock.write();
+                for (k, v) in list.by_ref().take(HOLD_KEYS) {
+                    match v {
+                        Some(v) => cache.insert(k, v),
+                        None => {
+                            cache.remove(&k);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(|s| s.read().is_empty())
+    }
+
+    pub fn weight(&self) -> u64 {
+        self.shards.iter().map(|s| s.read().weight()).sum()
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.shards.iter().map(|s| s.read().capacity()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quick_cache::UnitWeighter;
+
+    #[test]
+    fn batch_lookups_find_what_single_ones_do() {
+        let c: ShardCache<u64, u64, UnitWeighter> = ShardCache::new(10_000, 10_000, UnitWeighter);
+        c.update_many((0..1000u64).map(|i| (i, Some(i * 3))));
+        c.insert(5000, 7);
+        let keys: Vec<u64> = (990..1010).chain([5000]).collect();
+        let mut got = vec![None; keys.len()];
+        c.get_many(&keys, |i, v| got[i] = Some(v));
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(got[i], c.get(k), "key {k}");
+        }
+        assert_eq!(got[0], Some(990 * 3));
+        assert_eq!(got[10], None, "never inserted");
+        assert_eq!(got[20], Some(7));
+        let mut one = None;
+        c.get_many(&[3], |i, v| one = Some((i, v)));
+        assert_eq!(one, Some((0, 9)));
+    }
+
+    #[test]
+    fn bulk_removals_and_weights() {
+        let c: ShardCache<u64, u64, UnitWeighter> = ShardCache::new(4000, 4000, UnitWeighter);
+        c.update_many((0..1000u64).map(|i| (i, Some(i))));
+        assert_eq!(c.len(), 1000);
+        assert!(!c.is_empty());
+        assert_eq!(c.weight(), 1000);
+        c.update_many((0..600u64).map(|i| (i, None)));
+        assert_eq!(c.len(), 400);
+        assert_eq!(c.get(&10), None);
+        assert_eq!(c.get(&700), Some(700));
+        assert!(c.capacity() >= 4000);
+    }
+
+    #[test]
+    fn holds_about_its_capacity() {
+        let c: ShardCache<u64, u64, UnitWeighter> = ShardCache::new(1000, 1000, UnitWeighter);
+        c.update_many((0..10_000u64).map(|i| (i, Some(i))));
+        assert!(c.len() <= 1000 + SHARDS, "{} entries held", c.len());
+        assert!(c.len() > 500, "{} entries held", c.len());
+    }
+}
