@@ -8,10 +8,11 @@
 //! the misses of consecutive lookups. Reads of many blocks (a 1 MiB read is
 //! 256 block-map and 256 block lookups) and commits (thousands of inserts)
 //! paid that serially: 28% of ballastd's CPU under 1 MiB reads. Grouped by
-//! shard under one lock, the lookups of a batch overlap: 165–190 ns per
-//! lookup instead of 290–330 ns for batches of 32–256 block-map keys, two
-//! threads on this machine's two cores looking up a 1.6 Mi-entry cache
-//! (docs/benchmarks.md, session 9; criterion: `cache` in benches/).
+//! shard under one lock, the lookups of a batch overlap: 79 ns per lookup
+//! instead of 130 ns in batches of 32 block-map keys, 36 instead of 128 ns
+//! in batches of 256 (criterion `cache` group in benches/: two threads on
+//! this machine's two cores, a 1.6 Mi-entry cache; docs/benchmarks.md,
+//! session 9). Single lookups cost the same either way.
 //!
 //! The eviction policy, weights and bookkeeping are quick_cache's own
 //! (`unsync::Cache`, one per shard); only the locking is here.
