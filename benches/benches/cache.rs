@@ -1,6 +1,7 @@
 //! Lookups into a cache far larger than the CPU caches, as the entry cache
 //! and the read cache see them under 1 MiB reads: batches of consecutive
-//! block-map keys `(volume, block)` into 1.6 Mi cached mappings. Compares
+//! block-map keys `(volume, block)` into 1.44 Mi mappings held by a
+//! 1.6 Mi-entry cache. Compares
 //! quick_cache's own sharded cache (a lock per lookup) with the engine's
 //! `ShardCache` (quick_cache shards, one lock hold per shard per batch).
 //! Two threads look up at once, as ballastd's two runtime workers do; the

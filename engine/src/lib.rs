@@ -32,11 +32,11 @@ mod key;
 mod meta;
 mod pool;
 mod read_cache;
-// Public only for the criterion benchmark that compares it with
-// quick_cache's own locking (benches/benches/cache.rs).
 mod record;
 mod record_filter;
 mod segment;
+// Public only for the criterion benchmark that compares it with
+// quick_cache's own locking (benches/benches/cache.rs).
 #[doc(hidden)]
 pub mod shard_cache;
 mod state;
