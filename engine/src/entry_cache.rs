@@ -81,6 +81,13 @@ impl EntryCache {
         self.records.as_ref()?.get(key)
     }
 
+    /// `found(i, record)` for each `keys[i]` cached; one lock hold per shard.
+    pub fn records(&self, keys: &[BlockKey], found: impl FnMut(usize, Option<RecordMeta>)) {
+        if let Some(c) = &self.records {
+            c.get_many(keys, found);
+        }
+    }
+
     /// Fill after a store read; see the module comment for who may.
     pub fn fill_block(&self, volume: u32, lba: u64, v: Option<BlockKey>) {
         if let Some(c) = &self.blocks {

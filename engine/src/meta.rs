@@ -276,6 +276,30 @@ impl Meta {
         }
     }
 
+    /// `found(key, record)` for each of `keys` that has a committed record,
+    /// looked up in one batch. For keys that committed block-map entries
+    /// reference, so the record filter, which could only answer "maybe",
+    /// is not asked.
+    pub fn referenced_records(
+        &self,
+        keys: &[BlockKey],
+        mut found: impl FnMut(&BlockKey, RecordMeta),
+    ) -> Result<()> {
+        let mut cached = vec![false; keys.len()];
+        self.entries.records(keys, |i, v| {
+            cached[i] = true;
+            if let Some(m) = v {
+                found(&keys[i], m);
+            }
+        });
+        for (k, _) in keys.iter().zip(cached).filter(|(_, c)| !c) {
+            if let Some(m) = self.record_from_store(k)? {
+                found(k, m);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the record filter says `key` is certainly not committed.
     /// Asked before the entry cache: new content (nearly every unique block
     /// written) is a filter "no" in tens of nanoseconds, where the cache's

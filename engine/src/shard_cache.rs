@@ -105,14 +105,22 @@ where
         self.shards[self.shard_of(&key)].write().insert(key, value);
     }
 
-    /// Insert (`Some`) or remove (`None`) each entry, grouped by shard.
+    /// Insert (`Some`) or remove (`None`) each entry, grouped by shard. The
+    /// keys must be distinct: each shard's removals go first, so that the
+    /// inserts take the room they free instead of evicting live entries (a
+    /// commit of overwrites removes one dead record per new one).
     pub fn update_many(&self, entries: impl IntoIterator<Item = (K, Option<V>)>) {
         let mut by_shard: [Vec<(K, Option<V>)>; SHARDS] = Default::default();
+        let mut removals: [Vec<(K, Option<V>)>; SHARDS] = Default::default();
         for (k, v) in entries {
-            by_shard[self.shard_of(&k)].push((k, v));
+            let s = self.shard_of(&k);
+            match v {
+                None => removals[s].push((k, None)),
+                v => by_shard[s].push((k, v)),
+            }
         }
-        for (lock, list) in self.shards.iter().zip(by_shard) {
-            let mut list = list.into_iter().peekable();
+        for ((lock, list), gone) in self.shards.iter().zip(by_shard).zip(removals) {
+            let mut list = gone.into_iter().chain(list).peekable();
             while list.peek().is_some() {
                 let mut cache = lock.write();
                 for (k, v) in list.by_ref().take(HOLD_KEYS) {
@@ -180,6 +188,22 @@ mod tests {
         assert_eq!(c.get(&10), None);
         assert_eq!(c.get(&700), Some(700));
         assert!(c.capacity() >= 4000);
+    }
+
+    #[test]
+    fn removals_in_a_batch_make_room_for_its_inserts() {
+        let c: ShardCache<u64, u64, UnitWeighter> = ShardCache::new(1000, 1000, UnitWeighter);
+        c.update_many((0..800u64).map(|i| (i, Some(i))));
+        assert_eq!(c.len(), 800);
+        // Inserts listed before the removals that make room for them: about
+        // 75 of each per shard, on shards holding about 200 of 250.
+        let inserts = (1000..1300u64).map(|i| (i, Some(i)));
+        let removals = (0..300u64).map(|i| (i, None));
+        c.update_many(inserts.chain(removals));
+        assert_eq!(c.len(), 800);
+        for k in (300..800u64).chain(1000..1300) {
+            assert_eq!(c.get(&k), Some(k), "key {k} was evicted");
+        }
     }
 
     #[test]

@@ -72,14 +72,20 @@ impl Txn<'_> {
             .and_then(|c| c.blocks.get(&(volume, lba)).copied())
     }
 
-    pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+    /// The record as changed since the last commit, if it was.
+    fn record_in_overlays(&self, key: &BlockKey) -> Option<Option<RecordMeta>> {
         if let Some(v) = self.st.cur.records.get(key) {
-            return Ok(*v);
+            return Some(*v);
         }
-        if let Some(c) = &self.st.committing {
-            if let Some(v) = c.records.get(key) {
-                return Ok(*v);
-            }
+        self.st
+            .committing
+            .as_ref()
+            .and_then(|c| c.records.get(key).copied())
+    }
+
+    pub fn record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
+        if let Some(v) = self.record_in_overlays(key) {
+            return Ok(v);
         }
         // Not filling the entry cache: every writer that looks a record up
         // then changes it in the live overlay (a reference taken or
@@ -127,8 +133,18 @@ impl Txn<'_> {
         Ok(())
     }
 
-    fn decref(&mut self, key: &BlockKey) -> Result<()> {
-        let Some(mut m) = self.record(key)? else {
+    /// Drop a reference. `committed` holds records looked up beforehand in
+    /// one batch (`committed_records`); the overlays still come first, as an
+    /// earlier change of this transaction may have moved the count since.
+    fn decref(&mut self, key: &BlockKey, committed: &FastMap<BlockKey, RecordMeta>) -> Result<()> {
+        let found = match self.record_in_overlays(key) {
+            Some(v) => v,
+            None => match committed.get(key) {
+                Some(m) => Some(*m),
+                None => self.meta.record(key)?,
+            },
+        };
+        let Some(mut m) = found else {
             return Err(EngineError::CorruptMeta(format!(
                 "dropping a reference to missing record {}",
                 hex(&key.hash)
@@ -162,7 +178,7 @@ impl Txn<'_> {
             self.incref(k)?;
         }
         if let Some(k) = &old {
-            self.decref(k)?;
+            self.decref(k, &FastMap::default())?;
         }
         let cur = &mut self.st.cur;
         cur.blocks.insert((volume, lba), new);
@@ -198,11 +214,33 @@ impl Txn<'_> {
                 *cur.mapped.entry(volume).or_default() += d;
             }
         }
+        let committed = self.committed_records(&dropped)?;
         for k in &dropped {
-            self.decref(k)?;
+            self.decref(k, &committed)?;
         }
         self.st.cur.touched.insert(volume);
         Ok(())
+    }
+
+    /// The committed records of those `keys` that neither overlay changed,
+    /// looked up as one batch: a run of overwrites drops a reference to each
+    /// old block's record, and single lookups into the entry cache, one
+    /// dependent memory miss after another, were 5% of ballastd's CPU under
+    /// 1 MiB overwrites.
+    fn committed_records(&self, keys: &[BlockKey]) -> Result<FastMap<BlockKey, RecordMeta>> {
+        let mut out = FastMap::default();
+        if keys.len() < 2 {
+            return Ok(out);
+        }
+        let ask: Vec<BlockKey> = keys
+            .iter()
+            .filter(|k| self.record_in_overlays(k).is_none())
+            .copied()
+            .collect();
+        self.meta.referenced_records(&ask, |k, m| {
+            out.insert(*k, m);
+        })?;
+        Ok(out)
     }
 
     /// Current mappings of the blocks from `lba0` that `new` is about to
