@@ -270,16 +270,21 @@ impl Meta {
         if self.filter_rules_out(key) {
             return Ok(None);
         }
+        self.referenced_record(key)
+    }
+
+    /// The committed record of a key that committed block-map entries
+    /// reference (entry cache, store): the record filter, which could only
+    /// answer "maybe", is not asked.
+    pub fn referenced_record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
         match self.entries.record(key) {
             Some(v) => Ok(v),
             None => self.record_from_store(key),
         }
     }
 
-    /// `found(key, record)` for each of `keys` that has a committed record,
-    /// looked up in one batch. For keys that committed block-map entries
-    /// reference, so the record filter, which could only answer "maybe",
-    /// is not asked.
+    /// `referenced_record` for many keys in one batch: `found(key, record)`
+    /// for each that has a committed record.
     pub fn referenced_records(
         &self,
         keys: &[BlockKey],

@@ -141,7 +141,7 @@ impl Txn<'_> {
             Some(v) => v,
             None => match committed.get(key) {
                 Some(m) => Some(*m),
-                None => self.meta.record(key)?,
+                None => self.meta.referenced_record(key)?,
             },
         };
         let Some(mut m) = found else {
@@ -229,6 +229,8 @@ impl Txn<'_> {
     /// 1 MiB overwrites.
     fn committed_records(&self, keys: &[BlockKey]) -> Result<FastMap<BlockKey, RecordMeta>> {
         let mut out = FastMap::default();
+        // One key: `decref` looks it up itself at the same cost, without
+        // this map and list.
         if keys.len() < 2 {
             return Ok(out);
         }
