@@ -65,6 +65,26 @@ async fn open(dir: &std::path::Path, read_cache_bytes: u64) -> (Engine, Volume) 
     (e, v)
 }
 
+/// A runtime with two workers, as ballastd has on this machine's two cores.
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The `engine` group's settings: few, long samples (each one many I/Os).
+fn engine_group(
+    c: &mut Criterion,
+) -> criterion::BenchmarkGroup<'_, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group("engine");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(6))
+        .warm_up_time(Duration::from_secs(1));
+    g
+}
+
 /// Run a measured loop as a task on the runtime's workers, as ballastd runs
 /// every connection, rather than on criterion's `block_on` thread: a third
 /// thread beside the two workers, and outside any task, so the engine's I/O
@@ -202,20 +222,13 @@ fn codecs(c: &mut Criterion) {
 }
 
 fn engine_paths(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     let dir = bench_dir();
     // Writes run with the default read cache, as ballastd does (each write
     // also caches its blocks).
     let (engine, vol) = rt.block_on(open(dir.path(), EngineConfig::new("").read_cache_bytes));
     eprintln!("engine backend: {}", engine.backend_name());
-    let mut g = c.benchmark_group("engine");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(6))
-        .warm_up_time(Duration::from_secs(1));
+    let mut g = engine_group(c);
     for data in [Data::Unique, Data::Duplicate, Data::Compressible] {
         g.throughput(Throughput::Elements(1));
         g.bench_function(BenchmarkId::new("randwrite_4k", data.name()), |b| {
@@ -266,11 +279,7 @@ fn engine_paths(c: &mut Criterion) {
 /// The raw I/O backends at queue depth 1: the floor under the engine's read latency.
 fn io_backends(c: &mut Criterion) {
     use ballast_engine::io::{AlignedBuf, BackendChoice, IoEngine};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     let dir = bench_dir();
     let path = dir.path().join("raw.img");
     std::fs::write(&path, vec![7u8; 64 << 20]).unwrap();
@@ -324,5 +333,30 @@ fn io_backends(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codecs, io_backends, engine_paths);
+/// 1 MiB reads of blocks in the read cache: what the engine spends per
+/// request when no disk is involved (the block-map and block lookups, the
+/// pieces handed out), as under fio's 1 MiB reads of a freshly written
+/// volume through ballastd.
+fn warm_reads(c: &mut Criterion) {
+    let rt = two_workers();
+    let dir = bench_dir();
+    let (engine, vol) = rt.block_on(open(dir.path(), 1 << 30));
+    rt.block_on(async {
+        // 512 MiB in 1 MiB writes: cached as written, the cache having room.
+        writes(&vol, 512, 1 << 20, Data::Compressible, false, 7).await;
+        engine.flush().await.unwrap();
+    });
+    let mut g = engine_group(c);
+    g.throughput(Throughput::Bytes(1 << 20));
+    g.bench_function("seqread_1m_warm", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let v = vol.clone();
+            in_task(async move { reads(&v, iters, 1 << 20, false, 512 << 20, iters, 8).await })
+        })
+    });
+    g.finish();
+    rt.block_on(engine.shutdown()).unwrap();
+}
+
+criterion_group!(benches, codecs, io_backends, engine_paths, warm_reads);
 criterion_main!(benches);

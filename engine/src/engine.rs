@@ -979,9 +979,8 @@ impl Inner {
         // batch order, and consecutive searches for nearby keys find the
         // skiplist's nodes still in the CPU caches (the overlay's hash maps
         // iterate in random order).
-        let mut blocks: Vec<_> = ov.blocks.iter().collect();
-        blocks.sort_unstable_by_key(|(k, _)| **k);
-        for (&(v, lba), k) in blocks {
+        let blocks = ov.blocks_in_key_order();
+        for &(&(v, lba), k) in &blocks {
             match k {
                 Some(k) => batch.insert(&meta.blocks, map_key(v, lba), k.encode()),
                 None => batch.remove(&meta.blocks, map_key(v, lba)),
@@ -1083,7 +1082,7 @@ impl Inner {
             .await
             .map_err(|e| EngineError::Meta(format!("the metadata commit thread died: {e}")))??;
         // Before publishing: until then the frozen overlay shadows these keys.
-        meta.entries.apply(&ov);
+        meta.entries.apply(&blocks, &ov);
         // Blocks whose record died can only be read again if the same
         // content is written again: drop them, so overwrites recycle the
         // cache's memory instead of growing it with dead blocks (or evicting

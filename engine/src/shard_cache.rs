@@ -73,16 +73,26 @@ where
     }
 
     pub fn get(&self, key: &K) -> Option<V> {
-        self.shards[self.shard_of(key)].read().get(key).cloned()
+        self.get_with(key, V::clone)
+    }
+
+    /// `with(value)` on the cached value of `key`, under the shard's lock,
+    /// for callers that need a part of a large value, not a copy of it.
+    pub fn get_with<R>(&self, key: &K, with: impl FnOnce(&V) -> R) -> Option<R> {
+        self.shards[self.shard_of(key)].read().get(key).map(with)
     }
 
     /// Look up every key, calling `found(i, value)` for each `keys[i]`
     /// cached (in shard order, not key order).
     pub fn get_many(&self, keys: &[K], mut found: impl FnMut(usize, V)) {
+        self.get_many_with(keys, |i, v| found(i, v.clone()));
+    }
+
+    /// `get_many` that lends each value (`with(i, &value)`, under the
+    /// shard's lock) instead of cloning it.
+    pub fn get_many_with(&self, keys: &[K], mut with: impl FnMut(usize, &V)) {
         if let [only] = keys {
-            if let Some(v) = self.get(only) {
-                found(0, v);
-            }
+            self.get_with(only, |v| with(0, v));
             return;
         }
         let shard: Vec<u8> = keys.iter().map(|k| self.shard_of(k) as u8).collect();
@@ -94,7 +104,7 @@ where
             for (i, k) in keys.iter().enumerate() {
                 if shard[i] as usize == s {
                     if let Some(v) = cache.get(k) {
-                        found(i, v.clone());
+                        with(i, v);
                     }
                 }
             }
@@ -129,6 +139,48 @@ where
                         None => {
                             cache.remove(&k);
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `change(value, item)` for each `(key, item)`, on the cached value of
+    /// `key`, which `new()` creates first where it is absent; grouped by
+    /// shard, at most `HOLD_KEYS` items per lock hold. Runs of items with
+    /// the same key share one lookup, so callers that update parts of
+    /// large values (the entry cache's groups of block mappings) pass them
+    /// in key order.
+    pub fn modify_many<T>(
+        &self,
+        items: impl IntoIterator<Item = (K, T)>,
+        new: impl Fn() -> V,
+        mut change: impl FnMut(&mut V, T),
+    ) {
+        let mut by_shard: [Vec<(K, T)>; SHARDS] = Default::default();
+        for (k, t) in items {
+            by_shard[self.shard_of(&k)].push((k, t));
+        }
+        for (lock, list) in self.shards.iter().zip(by_shard) {
+            let mut list = list.into_iter().peekable();
+            while list.peek().is_some() {
+                let mut cache = lock.write();
+                let mut held = 0;
+                while held < HOLD_KEYS {
+                    let Some((k, t)) = list.next() else { break };
+                    held += 1;
+                    let entry = cache
+                        .get_mut_or_insert_with(&k, || Ok::<V, std::convert::Infallible>(new()));
+                    // Not admitted (a value heavier than a shard): nothing
+                    // to change, and the cache holds nothing for the key.
+                    let Ok(Some(mut v)) = entry else {
+                        while list.next_if(|(next, _)| *next == k).is_some() {}
+                        continue;
+                    };
+                    change(&mut v, t);
+                    while let Some((_, t)) = list.next_if(|(next, _)| *next == k) {
+                        held += 1;
+                        change(&mut v, t);
                     }
                 }
             }
@@ -204,6 +256,23 @@ mod tests {
         for k in (300..800u64).chain(1000..1300) {
             assert_eq!(c.get(&k), Some(k), "key {k} was evicted");
         }
+    }
+
+    #[test]
+    fn modify_many_creates_and_changes_values_in_place() {
+        let c: ShardCache<u64, Vec<u64>, UnitWeighter> = ShardCache::new(1000, 1000, UnitWeighter);
+        c.insert(1, vec![100]);
+        // Runs of one key, a key seen again after another, and new keys.
+        let items = [(1, 1), (1, 2), (2, 3), (1, 4), (3, 5), (3, 6)];
+        c.modify_many(items, Vec::new, |v, t| v.push(t));
+        assert_eq!(c.get(&1), Some(vec![100, 1, 2, 4]));
+        assert_eq!(c.get(&2), Some(vec![3]));
+        assert_eq!(c.get(&3), Some(vec![5, 6]));
+        assert_eq!(c.len(), 3);
+        let mut lent = Vec::new();
+        c.get_many_with(&[3, 9, 2], |i, v| lent.push((i, v.len())));
+        lent.sort();
+        assert_eq!(lent, vec![(0, 2), (2, 1)]);
     }
 
     #[test]

@@ -41,6 +41,13 @@ impl Overlay {
             && !self.nonces_used
     }
 
+    /// The block-map changes sorted by key (volume, then block).
+    pub fn blocks_in_key_order(&self) -> Vec<(&(u32, u64), &Option<BlockKey>)> {
+        let mut blocks: Vec<_> = self.blocks.iter().collect();
+        blocks.sort_unstable_by_key(|(k, _)| **k);
+        blocks
+    }
+
     pub fn entries(&self) -> usize {
         self.blocks.len() + self.records.len()
     }
