@@ -149,6 +149,13 @@ impl EntryCache {
         mut found: impl FnMut(usize, Option<BlockKey>),
     ) {
         let Some(c) = &self.blocks else { return };
+        // One block (a 4 KiB write or read): no lists to build.
+        if let [i] = at {
+            if let Some(v) = self.block(volume, lba0 + *i as u64) {
+                found(*i, v);
+            }
+            return;
+        }
         // The groups `at` touches, each with the run of `at` inside it.
         let mut groups: Vec<(u32, u64)> = Vec::new();
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
