@@ -109,8 +109,9 @@ fn group_of(volume: u32, lba: u64) -> ((u32, u64), usize) {
 pub(crate) struct EntryCache {
     /// Boxed: quick_cache keeps the keys of recently evicted entries
     /// ("ghosts", for its CLOCK-Pro policy) in slots of its entry table,
-    /// each as large as a resident key and value; a 648-byte group inline
-    /// made every ghost cost as much as a cached group.
+    /// each as large as a resident key and value, so inline every ghost
+    /// would take a group's 648 bytes (`memory_scale 12` could not tell
+    /// the two apart within its noise, nor `write_cpu`).
     blocks: Option<ShardCache<(u32, u64), Box<MapGroup>, UnitWeighter>>,
     records: Option<ShardCache<BlockKey, Option<RecordMeta>, UnitWeighter>>,
 }
