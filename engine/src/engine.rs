@@ -608,14 +608,14 @@ impl Engine {
 
     pub fn node_stats(&self) -> NodeStats {
         let (disks, capacity, used_segments_bytes) = {
+            // The disk list before the space lock, never inside it: writers
+            // take the list, then the segment writer, then the space lock
+            // (opening a segment), and a pending `add_disk` blocks new
+            // readers of the list, so reading it under the space lock could
+            // close a cycle of three.
+            let pool = self.inner.disks.read().clone();
             let space = self.inner.space.lock();
-            let disks: Vec<DiskStats> = self
-                .inner
-                .disks
-                .read()
-                .iter()
-                .map(|d| self.disk_stats(d, &space))
-                .collect();
+            let disks: Vec<DiskStats> = pool.iter().map(|d| self.disk_stats(d, &space)).collect();
             let cap = disks.iter().map(|d| d.capacity_bytes).sum::<u64>();
             let used = disks.iter().map(|d| d.used_bytes).sum::<u64>();
             (disks, cap, used)
