@@ -1,18 +1,11 @@
 //! The segment writer: records are packed densely into an in-memory image of
 //! the open segment and streamed to disk in large aligned writes.
 //!
-//! Full pages go out in the background once about 1 MiB has accumulated; a
-//! commit pads the open segment to the next 4 KiB page and writes the tail,
-//! so no page that a commit made durable is ever written again (no torn
-//! rewrite of flushed data). A segment's image stays in memory until every
-//! write of it has completed, and reads of its records are served from that
-//! image.
-//!
-//! The image is the parts already handed to the disk plus a tail buffer the
-//! next records go into. A write hands its part to the disk shared
-//! (`DiskIo::write_shared`): the same memory serves reads meanwhile, and no
-//! byte is copied between the records' encoding and the disk (a copy of
-//! every 1 MiB into a write buffer was 1-5% of the CPU of 4 KiB writes).
+//! Full pages go out in the background once 1 MiB has accumulated; a commit
+//! pads the open segment to the next 4 KiB page and writes the tail, so no
+//! page that a commit made durable is ever written again (no torn rewrite of
+//! flushed data). A segment's image stays in memory until every write of it
+//! has completed, and reads of its records are served from that image.
 
 use crate::error::{EngineError, Result};
 use crate::io::{AlignedBuf, IO_ALIGN};
@@ -23,98 +16,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 
-/// Size of a tail buffer, and so of a streamed write.
 const STREAM_CHUNK: usize = 1 << 20;
-
-/// A full tail streams once less than this is left in it: room for the
-/// largest record (a 64 KiB block and its header) with the writes still
-/// close to 1 MiB.
-const TAIL_ROOM: usize = 128 << 10;
 
 pub(crate) struct SegImage {
     pub id: SegmentId,
-    /// The parts handed to the disk, in order: (image offset, bytes).
-    parts: Vec<(usize, Arc<AlignedBuf>)>,
-    /// Image bytes `[issued, fill)` are `tail[..fill - issued]`.
-    tail: AlignedBuf,
+    buf: AlignedBuf,
     pub fill: usize,
     issued: usize,
     outstanding: Arc<AtomicUsize>,
-}
-
-impl SegImage {
-    fn new(id: SegmentId, segment_size: usize) -> SegImage {
-        SegImage {
-            id,
-            parts: Vec::new(),
-            // Recycled: records overwrite what they use, and the padding up
-            // to a page is zeroed before it is written (`pad`).
-            tail: AlignedBuf::recycled(tail_len(segment_size)),
-            fill: 0,
-            issued: 0,
-            outstanding: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-
-    /// Room for `len` more bytes at `fill` in the tail (a record larger
-    /// than the tail's room grows it; none does at block sizes up to 64 KiB).
-    fn reserve(&mut self, len: usize) -> &mut [u8] {
-        let at = self.fill - self.issued;
-        if at + len > self.tail.len() {
-            let mut bigger = AlignedBuf::recycled(align_up(at + len));
-            bigger[..at].copy_from_slice(&self.tail[..at]);
-            self.tail = bigger;
-        }
-        &mut self.tail[at..at + len]
-    }
-
-    /// Hand image bytes `[issued, upto)` over as a part of their own (`upto`
-    /// page aligned, at most one page past `fill`): the bytes filled past
-    /// `upto` (less than a page) start the next tail.
-    fn freeze(&mut self, upto: usize) -> Option<Arc<AlignedBuf>> {
-        if upto <= self.issued {
-            return None;
-        }
-        let n = upto - self.issued;
-        let carry = self.fill.saturating_sub(upto);
-        let mut next = AlignedBuf::recycled(self.tail.len());
-        next[..carry].copy_from_slice(&self.tail[n..n + carry]);
-        let mut part = std::mem::replace(&mut self.tail, next);
-        part.truncate(n);
-        let part = Arc::new(part);
-        self.parts.push((self.issued, part.clone()));
-        self.issued = upto;
-        Some(part)
-    }
-
-    /// Copy image bytes `[offset, offset + out.len())` if they were filled.
-    fn read(&self, offset: usize, out: &mut [u8]) -> bool {
-        let end = offset + out.len();
-        if end > self.fill {
-            return false;
-        }
-        let mut pos = offset;
-        let parts = self.parts.iter().map(|(s, p)| (*s, &p[..]));
-        let tail = std::iter::once((self.issued, &self.tail[..self.fill - self.issued]));
-        for (start, bytes) in parts.chain(tail) {
-            let stop = start + bytes.len();
-            if pos >= start && pos < stop {
-                let n = (stop - pos).min(end - pos);
-                out[pos - offset..pos - offset + n]
-                    .copy_from_slice(&bytes[pos - start..pos - start + n]);
-                pos += n;
-                if pos == end {
-                    return true;
-                }
-            }
-        }
-        pos == end
-    }
-}
-
-/// The tail buffer's size: a stream chunk, or the whole of a smaller segment.
-fn tail_len(segment_size: usize) -> usize {
-    align_up(segment_size).min(STREAM_CHUNK)
 }
 
 pub(crate) struct Writer {
@@ -189,22 +98,28 @@ impl Writer {
             if let Some(old) = self.open.take() {
                 self.seal(old, disks, rt, space);
             }
-            self.open = Some(SegImage::new(id, self.segment_size));
+            self.open = Some(SegImage {
+                id,
+                // Recycled: records overwrite what they use, and the padding
+                // up to a page is zeroed before it is written (`pad`).
+                buf: AlignedBuf::recycled(self.segment_size),
+                fill: 0,
+                issued: 0,
+                outstanding: Arc::new(AtomicUsize::new(0)),
+            });
         }
         let open = self
             .open
             .as_mut()
             .expect("open segment exists after allocation");
         let offset = open.fill;
-        fill(open.reserve(len));
+        fill(&mut open.buf[offset..offset + len]);
         open.fill += len;
         let placed = Placed {
             segment: open.id,
             offset: offset as u32,
         };
-        // Only a full stream chunk goes out here (a segment smaller than one
-        // is written whole by commits and sealing).
-        if open.tail.len() == STREAM_CHUNK && open.fill - open.issued + TAIL_ROOM > STREAM_CHUNK {
+        if open.fill - open.issued >= STREAM_CHUNK {
             let upto = align_down(open.fill);
             self.issue(upto, disks, rt);
         }
@@ -231,7 +146,6 @@ impl Writer {
         space: &parking_lot::Mutex<Space>,
     ) {
         let upto = pad(&mut img);
-        img.fill = upto;
         if let Some(h) = issue_range(&mut img, upto, disks, rt, self.segment_size as u32) {
             self.pending.push(h);
             self.dirty_disks.insert(img.id.disk);
@@ -257,7 +171,13 @@ impl Writer {
             .iter()
             .chain(self.sealed.iter())
             .find(|i| i.id == segment);
-        img.is_some_and(|i| i.read(offset, out))
+        match img {
+            Some(i) if offset + out.len() <= i.buf.len() => {
+                out.copy_from_slice(&i.buf[offset..offset + out.len()]);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Segments whose image is still in memory.
@@ -294,9 +214,8 @@ impl Writer {
 /// boundary: on disk, a record is followed by another record or by zeros up
 /// to a page boundary (the cleaner's walk relies on it).
 fn pad(img: &mut SegImage) -> usize {
-    let upto = align_up(img.fill);
-    let (from, to) = (img.fill - img.issued, upto - img.issued);
-    img.tail[from..to].fill(0);
+    let upto = align_up(img.fill).min(img.buf.len());
+    img.buf[img.fill..upto].fill(0);
     upto
 }
 
@@ -307,86 +226,20 @@ fn issue_range(
     rt: &tokio::runtime::Handle,
     segment_size: u32,
 ) -> Option<JoinHandle<std::io::Result<()>>> {
+    if upto <= img.issued {
+        return None;
+    }
     let disk = disks.iter().find(|d| d.id == img.id.disk)?.clone();
     let start = img.issued;
-    let part = img.freeze(upto)?;
+    let mut chunk = AlignedBuf::recycled(upto - start);
+    chunk.copy_from_slice(&img.buf[start..upto]);
+    img.issued = upto;
     let at = disk.segment_offset(img.id.index, segment_size) + start as u64;
     let outstanding = img.outstanding.clone();
     outstanding.fetch_add(1, Ordering::AcqRel);
     Some(rt.spawn(async move {
-        let r = disk.io.write_shared(part, at).await;
+        let (_, r) = disk.io.write_at(chunk, at).await;
         outstanding.fetch_sub(1, Ordering::AcqRel);
         r
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(i: usize, len: usize) -> Vec<u8> {
-        (0..len).map(|j| (i * 31 + j * 7) as u8).collect()
-    }
-
-    /// Records appended across streamed parts (frozen mid-page, so a record
-    /// straddles a part and the tail) and a commit's padding read back whole
-    /// from the image, and the parts are what the disk is handed.
-    #[test]
-    fn image_reads_span_parts_and_tail() {
-        let id = SegmentId { disk: 0, index: 3 };
-        let mut img = SegImage::new(id, 4 << 20);
-        let mut placed = Vec::new();
-        let mut written: Vec<(usize, Vec<u8>)> = Vec::new();
-        for i in 0..600 {
-            let len = 1000 + (i * 97) % 5000;
-            let rec = record(i, len);
-            let at = img.fill;
-            img.reserve(len).copy_from_slice(&rec);
-            img.fill += len;
-            placed.push((at, rec));
-            if img.fill - img.issued + TAIL_ROOM > STREAM_CHUNK {
-                let start = img.issued;
-                let part = img.freeze(align_down(img.fill)).expect("a full chunk");
-                written.push((start, part.to_vec()));
-            }
-            if i == 300 {
-                let start = img.issued;
-                let upto = pad(&mut img);
-                img.fill = upto;
-                let part = img.freeze(upto).expect("a padded tail");
-                written.push((start, part.to_vec()));
-            }
-        }
-        assert!(img.parts.len() >= 2, "the test must cross parts");
-        for (at, rec) in &placed {
-            let mut out = vec![0u8; rec.len()];
-            assert!(img.read(*at, &mut out), "record at {at}");
-            assert_eq!(&out, rec, "record at {at}");
-        }
-        // Past the fill nothing is read.
-        assert!(!img.read(img.fill - 10, &mut [0u8; 20]));
-        // The parts are contiguous, page aligned, and hold the records.
-        let mut disk = vec![0u8; img.issued];
-        let mut next = 0;
-        for (start, bytes) in &written {
-            assert_eq!(*start, next);
-            assert_eq!(bytes.len() % IO_ALIGN, 0);
-            disk[*start..*start + bytes.len()].copy_from_slice(bytes);
-            next = start + bytes.len();
-        }
-        for (at, rec) in placed.iter().filter(|(at, r)| at + r.len() <= next) {
-            assert_eq!(&disk[*at..*at + rec.len()], &rec[..], "on disk at {at}");
-        }
-    }
-
-    #[test]
-    fn small_segments_keep_one_tail() {
-        let mut img = SegImage::new(SegmentId { disk: 0, index: 0 }, 64 << 10);
-        assert_eq!(img.tail.len(), 64 << 10);
-        img.reserve(60 << 10).fill(9);
-        img.fill += 60 << 10;
-        let mut out = vec![0u8; 60 << 10];
-        assert!(img.read(0, &mut out));
-        assert!(out.iter().all(|&b| b == 9));
-    }
 }

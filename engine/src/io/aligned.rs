@@ -126,17 +126,6 @@ impl AlignedBuf {
         false
     }
 
-    /// Shorten to `len` bytes, a non-zero multiple of [`SECTOR`] no longer
-    /// than now. The allocation stays whole (and is recycled whole).
-    pub fn truncate(&mut self, len: usize) {
-        assert!(
-            len > 0 && len <= self.len && len.is_multiple_of(SECTOR),
-            "cannot truncate an AlignedBuf of {} bytes to {len}",
-            self.len
-        );
-        self.len = len;
-    }
-
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` points to `cap >= len` initialised bytes (zeroed at
         // allocation, written only through safe slices since) that we own;
@@ -250,22 +239,6 @@ mod tests {
         let p = b.as_ptr();
         let moved = std::thread::spawn(move || b).join().unwrap();
         assert_eq!(moved.as_ptr(), p);
-    }
-
-    #[test]
-    fn truncated_buffers_keep_their_bytes() {
-        let mut b = AlignedBuf::recycled(1 << 20);
-        b[..4].copy_from_slice(b"head");
-        b.truncate(8192);
-        assert_eq!(b.len(), 8192);
-        assert_eq!(&b[..4], b"head");
-        assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
-    }
-
-    #[test]
-    #[should_panic(expected = "cannot truncate")]
-    fn truncate_cannot_grow() {
-        AlignedBuf::zeroed(4096).truncate(8192);
     }
 
     #[test]

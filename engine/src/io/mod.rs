@@ -35,17 +35,6 @@ pub trait DiskIo: Send + Sync + 'static {
     fn read_at(&self, buf: AlignedBuf, offset: u64) -> IoFuture<(AlignedBuf, io::Result<()>)>;
     /// Write all of `buf` at `offset` (both multiples of [`IO_ALIGN`]).
     fn write_at(&self, buf: AlignedBuf, offset: u64) -> IoFuture<(AlignedBuf, io::Result<()>)>;
-    /// Write all of a shared `buf` at `offset` (as [`DiskIo::write_at`]):
-    /// others may read the buffer meanwhile, and nobody writes it. The
-    /// segment writer streams its image this way while reads of the records
-    /// in flight are served from the same memory. This default copies; the
-    /// real backends write from the shared buffer itself.
-    fn write_shared(&self, buf: Arc<AlignedBuf>, offset: u64) -> IoFuture<io::Result<()>> {
-        let mut own = AlignedBuf::recycled(buf.len());
-        own.copy_from_slice(&buf);
-        let write = self.write_at(own, offset);
-        Box::pin(async move { write.await.1 })
-    }
     /// Make every completed write durable (fdatasync).
     fn sync(&self) -> IoFuture<io::Result<()>>;
     /// Size of the disk in bytes.
@@ -106,36 +95,6 @@ enum Op {
 /// The buffer (absent for a sync) and the outcome, sent back to the future.
 type Reply = (Option<AlignedBuf>, io::Result<()>);
 
-/// What a request reads into or writes from: a buffer it owns, or (writes
-/// only) one shared with readers, which nobody writes while it is shared.
-enum IoBuf {
-    Owned(AlignedBuf),
-    Shared(Arc<AlignedBuf>),
-}
-
-impl IoBuf {
-    fn len(&self) -> usize {
-        match self {
-            IoBuf::Owned(b) => b.len(),
-            IoBuf::Shared(b) => b.len(),
-        }
-    }
-
-    fn as_ptr(&self) -> *const u8 {
-        match self {
-            IoBuf::Owned(b) => b.as_ptr(),
-            IoBuf::Shared(b) => b.as_ptr(),
-        }
-    }
-
-    fn into_owned(self) -> Option<AlignedBuf> {
-        match self {
-            IoBuf::Owned(b) => Some(b),
-            IoBuf::Shared(_) => None,
-        }
-    }
-}
-
 /// One I/O on its way through a backend. It owns everything the kernel
 /// touches: the buffer, and (through the `Arc`) the open file, so neither can
 /// be freed or closed (and the fd number reused by another file) until the
@@ -144,7 +103,7 @@ struct Request {
     op: Op,
     file: Arc<std::fs::File>,
     offset: u64,
-    buf: Option<IoBuf>,
+    buf: Option<AlignedBuf>,
     reply: tokio::sync::oneshot::Sender<Reply>,
 }
 
@@ -153,7 +112,7 @@ impl Request {
     /// send fails and the buffer is freed here, after the I/O is over.
     fn finish(self, res: io::Result<()>) {
         let Request { buf, reply, .. } = self;
-        let _ = reply.send((buf.and_then(IoBuf::into_owned), res));
+        let _ = reply.send((buf, res));
     }
 }
 
@@ -314,7 +273,7 @@ impl IoEngine {
         op: Op,
         file: &Arc<std::fs::File>,
         offset: u64,
-        buf: Option<IoBuf>,
+        buf: Option<AlignedBuf>,
     ) -> ReplyFuture {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let req = Request {
@@ -446,9 +405,7 @@ impl FileDisk {
             return Box::pin(std::future::ready((buf, Err(e))));
         }
         let len = buf.len();
-        let rx = self
-            .engine
-            .submit(op, &self.file, offset, Some(IoBuf::Owned(buf)));
+        let rx = self.engine.submit(op, &self.file, offset, Some(buf));
         Box::pin(async move {
             match rx.await {
                 Ok((Some(buf), res)) => (buf, res),
@@ -467,19 +424,6 @@ impl DiskIo for FileDisk {
 
     fn write_at(&self, buf: AlignedBuf, offset: u64) -> IoFuture<(AlignedBuf, io::Result<()>)> {
         self.transfer(Op::Write, buf, offset)
-    }
-
-    fn write_shared(&self, buf: Arc<AlignedBuf>, offset: u64) -> IoFuture<io::Result<()>> {
-        if let Err(e) = check_range(Op::Write, offset, buf.len(), self.len, self.read_align) {
-            return Box::pin(std::future::ready(Err(e)));
-        }
-        let rx = self
-            .engine
-            .submit(Op::Write, &self.file, offset, Some(IoBuf::Shared(buf)));
-        Box::pin(async move {
-            rx.await
-                .map_or_else(|_| Err(backend_stopped()), |(_, res)| res)
-        })
     }
 
     fn sync(&self) -> IoFuture<io::Result<()>> {
@@ -606,35 +550,6 @@ mod tests {
             );
         })
         .await;
-    }
-
-    /// Shared writes land like owned ones, on both backends and through the
-    /// copying default (the crash simulator), and leave the buffer readable
-    /// by its other holders; one past the end fails without writing.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn shared_writes_land_and_keep_the_buffer() {
-        async fn check(disk: Arc<dyn DiskIo>, name: &str) {
-            for (i, (len, offset)) in [(4096, 0u64), (1 << 20, 8192), (12288, 4 << 20)]
-                .into_iter()
-                .enumerate()
-            {
-                let shared = Arc::new(pattern(len, offset, 40 + i as u64));
-                let mine = shared.clone();
-                disk.write_shared(shared, offset).await.unwrap();
-                assert!(mine[..] == pattern(len, offset, 40 + i as u64)[..]);
-                let (buf, r) = disk.read_at(AlignedBuf::zeroed(len), offset).await;
-                r.unwrap();
-                assert!(buf[..] == mine[..], "{name}: len {len} at {offset}");
-            }
-            let past = Arc::new(pattern(8192, disk.len() - 4096, 9));
-            assert!(disk.write_shared(past, disk.len() - 4096).await.is_err());
-        }
-        on_each_backend(|io, dir| async move {
-            let disk = io.open_disk(&dir.join("d"), Some(16 << 20)).unwrap();
-            check(disk, io.describe()).await;
-        })
-        .await;
-        check(CrashSimDisk::new(16 << 20), "crash simulator").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

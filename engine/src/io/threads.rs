@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 
-use super::{backend_stopped, IoBuf, Op, Request};
+use super::{backend_stopped, Op, Request};
 
 pub(super) struct ThreadBackend {
     /// `None` only while dropping: closing the channel is the stop signal.
@@ -79,17 +79,8 @@ fn worker(rx: &Mutex<mpsc::Receiver<Request>>) {
             // `read_exact_at` turns a short read (end of file) into
             // `UnexpectedEof`, as `DiskIo::read_at` promises; both loops
             // retry partial transfers and EINTR.
-            (Op::Read, Some(IoBuf::Owned(buf))) => req.file.read_exact_at(buf, req.offset),
-            (Op::Read, Some(IoBuf::Shared(_))) => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a read into a shared buffer",
-            )),
-            (Op::Write, Some(buf)) => {
-                // SAFETY: `as_ptr` points to `len` initialised bytes that the
-                // request keeps alive, and nobody writes them while shared.
-                let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) };
-                req.file.write_all_at(bytes, req.offset)
-            }
+            (Op::Read, Some(buf)) => req.file.read_exact_at(buf, req.offset),
+            (Op::Write, Some(buf)) => req.file.write_all_at(buf, req.offset),
             (Op::Sync, _) => req.file.sync_data(),
             (Op::Read | Op::Write, None) => {
                 Err(io::Error::new(io::ErrorKind::InvalidInput, "no buffer"))

@@ -46,7 +46,7 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use super::{backend_stopped, IoBuf, Op, Request};
+use super::{backend_stopped, Op, Request};
 
 /// Submission queue size. The completion queue is twice this (the kernel
 /// default), and at most `RING_ENTRIES - 1` I/Os are in the kernel at once,
@@ -689,7 +689,7 @@ fn sqe_for(f: &mut InFlight) -> io_uring::squeue::Entry {
     let fd = types::Fd(f.req.file.as_raw_fd());
     let offset = f.req.offset + f.done as u64;
     match (f.req.op, f.req.buf.as_mut()) {
-        (Op::Read, Some(IoBuf::Owned(buf))) => {
+        (Op::Read, Some(buf)) => {
             let n = (buf.len() - f.done).min(MAX_CHUNK);
             // SAFETY: `done < len`, so the pointer stays inside the buffer.
             let ptr = unsafe { buf.as_mut_ptr().add(f.done) };
@@ -701,8 +701,8 @@ fn sqe_for(f: &mut InFlight) -> io_uring::squeue::Entry {
             let ptr = unsafe { buf.as_ptr().add(f.done) };
             opcode::Write::new(fd, ptr, n as u32).offset(offset).build()
         }
-        // Read/Write always carry a buffer, an owned one for reads (built
-        // only by `FileDisk`); anything else degrades to a harmless sync.
+        // Read/Write always carry a buffer (built only by `FileDisk`); a
+        // bufferless one degrades to a harmless sync.
         _ => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
