@@ -242,6 +242,16 @@ pub fn require_nbd_tools() {
 /// Run `cmd` to completion with captured output; kill it and fail the test
 /// after `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    run_reporting(cmd, timeout, |_| String::new())
+}
+
+/// [`run`], and when `cmd` hangs, `report(its pid)` (taken before it is
+/// killed) goes into the failure message: what a rare hang was waiting on.
+pub fn run_reporting(
+    cmd: &mut Command,
+    timeout: Duration,
+    report: impl FnOnce(u32) -> String,
+) -> Output {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -266,12 +276,13 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
             break st;
         }
         if Instant::now() > deadline {
+            let report = report(child.id());
             let _ = child.kill();
             let _ = child.wait();
             let stdout = ho.join().unwrap_or_default();
             let stderr = he.join().unwrap_or_default();
             panic!(
-                "{cmd:?} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+                "{cmd:?} did not finish within {timeout:?}\nstdout: {}\nstderr: {}\n{report}",
                 tail(&String::from_utf8_lossy(&stdout), 20),
                 tail(&String::from_utf8_lossy(&stderr), 20)
             );
@@ -296,6 +307,55 @@ pub fn run_ok(cmd: &mut Command, timeout: Duration) -> String {
         tail(&String::from_utf8_lossy(&out.stderr), 30)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What each thread of process `pid` is doing: name, state, kernel wait
+/// channel and kernel stack (the stack needs root, which CI has).
+pub fn threads_report(pid: u32) -> String {
+    let mut out = format!("threads of pid {pid}:\n");
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out + "  (gone)\n";
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| fs::read_to_string(p.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // The state follows the parenthesised name.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next().map(str::to_string))
+            .unwrap_or_default();
+        out += &format!(
+            "  {} {} state {state} wchan {}\n",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim()
+        );
+        for line in read("stack").lines().take(12) {
+            out += &format!("      {line}\n");
+        }
+    }
+    out
+}
+
+/// Every process in uninterruptible sleep, system-wide (a hung `sync` or a
+/// FUSE request nobody answers shows up here).
+pub fn blocked_processes() -> String {
+    let mut out = String::from("processes in D state:\n");
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if rest.split_whitespace().next() == Some("D") {
+            out += &format!("  {head})\n");
+        }
+    }
+    out
 }
 
 /// Shorthand: a command from a program and arguments.
@@ -634,14 +694,25 @@ impl Node {
         format!("nbd://127.0.0.1:{}/{}", self.nbd_port, name)
     }
 
-    /// Run `ballast --api URL ARGS...` (60 s limit).
+    /// Run `ballast --api URL ARGS...` (60 s limit). A hang fails with the
+    /// threads of the CLI and of ballastd, the blocked processes and
+    /// ballastd's log: a volume create once hung in CI for no known reason.
     pub fn cli(&self, args: &[&str]) -> Output {
-        run(
+        let server = self.child.as_ref().map(Child::id);
+        run_reporting(
             Command::new(bin("ballast"))
                 .arg("--api")
                 .arg(self.api_url())
                 .args(args),
             Duration::from_secs(60),
+            |cli| {
+                let mut r = threads_report(cli);
+                if let Some(pid) = server {
+                    r += &format!("ballastd: {}", threads_report(pid));
+                }
+                r += &blocked_processes();
+                r + &format!("ballastd log:\n{}", tail(&self.log(), 40))
+            },
         )
     }
 
@@ -1308,4 +1379,29 @@ pub fn nbdkit_memory(size: &str) -> (ChildGuard, String) {
         "nbdkit did not listen on {port}"
     );
     (g, format!("nbd://127.0.0.1:{port}/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command that outlives its limit fails with the report taken while
+    /// it still ran: its threads, their states and wait channels.
+    #[test]
+    fn hangs_fail_with_what_the_process_was_doing() {
+        let hung = std::panic::catch_unwind(|| {
+            run_reporting(
+                &mut cmd("sleep", ["30"]),
+                Duration::from_millis(300),
+                |pid| threads_report(pid) + &blocked_processes(),
+            )
+        });
+        let msg = *hung
+            .expect_err("sleep 30 cannot finish in 300 ms")
+            .downcast::<String>()
+            .expect("a formatted panic message");
+        assert!(msg.contains("did not finish within 300ms"), "{msg}");
+        assert!(msg.contains(" sleep state S wchan "), "{msg}");
+        assert!(msg.contains("processes in D state:"), "{msg}");
+    }
 }
