@@ -187,8 +187,11 @@ fn fuse_loop_ext4_detach_reattach_fsck() {
         )
         .unwrap();
     }
+    // This file system only (syncfs, down through the loop device and
+    // nbdfuse to ballastd): a system-wide sync would also wait on the file
+    // systems of tests running beside this one.
     run_ok(
-        &mut cmd("sync", Vec::<&str>::new()),
+        &mut cmd("sync", ["-f", fsdir.to_str().unwrap()]),
         Duration::from_secs(120),
     );
     let want_big = sha(&big);
@@ -235,7 +238,7 @@ fn fuse_loop_ext4_detach_reattach_fsck() {
     let before = mapped(&h);
     fs::remove_file(&big).unwrap();
     run_ok(
-        &mut cmd("sync", Vec::<&str>::new()),
+        &mut cmd("sync", ["-f", fsdir.to_str().unwrap()]),
         Duration::from_secs(120),
     );
     run_ok(&mut cmd("fstrim", [&fsdir]), Duration::from_secs(300));
