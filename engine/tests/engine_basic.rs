@@ -418,17 +418,19 @@ async fn overwritten_blocks_leave_the_read_cache() {
 /// 1 MiB segments open one every 16 writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disks_added_under_writes_and_stats_do_not_deadlock() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
     let h = Harness::new(Backend::Threads);
-    let e = std::sync::Arc::new(h.open().await);
+    let e = Arc::new(h.open().await);
     e.create_volume("v", opts(64 << 20)).await.unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..2u64 {
         let vol = e.open_volume("v").unwrap();
         let stop = stop.clone();
         writers.push(tokio::spawn(async move {
             let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Relaxed) {
                 let off = ((i * 2 + w) % 1024) * 65536;
                 vol.write(off, Bytes::from(block(i * 2 + w, 65536, 0)), false)
                     .await
@@ -442,7 +444,7 @@ async fn disks_added_under_writes_and_stats_do_not_deadlock() {
         let (e, stop) = (e.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Relaxed) {
                 n += e.node_stats().disks.len() as u64;
             }
             n
@@ -459,7 +461,7 @@ async fn disks_added_under_writes_and_stats_do_not_deadlock() {
         }
     })
     .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Relaxed);
     assert!(
         added.is_ok(),
         "adding disks under load did not finish: a lock cycle"
@@ -472,9 +474,9 @@ async fn disks_added_under_writes_and_stats_do_not_deadlock() {
 }
 
 /// With the read cache off, data just written reads back before any flush:
-/// from the open segment's tail and its parts in flight, from parts already
-/// released to the disk, and across the boundaries between them, on every
-/// backend. 64 KiB writes of mixed content stream several segments' worth.
+/// from the open segment's image in memory, from sealed images whose writes
+/// are in flight, and from the disk, on every backend. 64 KiB writes of
+/// mixed content stream several 4 MiB segments' worth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unflushed_writes_read_back_without_the_read_cache() {
     for_each_backend(|b| async move {

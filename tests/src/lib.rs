@@ -320,11 +320,7 @@ pub fn threads_report(pid: u32) -> String {
         let p = t.path();
         let read = |f: &str| fs::read_to_string(p.join(f)).unwrap_or_default();
         let stat = read("stat");
-        // The state follows the parenthesised name.
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().next().map(str::to_string))
-            .unwrap_or_default();
+        let state = stat_state(&stat).unwrap_or_default();
         out += &format!(
             "  {} {} state {state} wchan {}\n",
             t.file_name().to_string_lossy(),
@@ -338,6 +334,12 @@ pub fn threads_report(pid: u32) -> String {
     out
 }
 
+/// The state letter of a /proc/PID/stat line: the first field after the
+/// parenthesised name (which may itself hold spaces and parentheses).
+fn stat_state(stat: &str) -> Option<&str> {
+    stat.rsplit_once(')')?.1.split_whitespace().next()
+}
+
 /// Every process in uninterruptible sleep, system-wide (a hung `sync` or a
 /// FUSE request nobody answers shows up here).
 pub fn blocked_processes() -> String {
@@ -348,10 +350,9 @@ pub fn blocked_processes() -> String {
             continue;
         }
         let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if rest.split_whitespace().next() == Some("D") {
+        if stat_state(&stat) == Some("D") {
+            // pid and (name), before the state.
+            let head = stat.rsplit_once(')').map_or("", |(h, _)| h);
             out += &format!("  {head})\n");
         }
     }
