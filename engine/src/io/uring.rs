@@ -129,6 +129,7 @@ impl UringBackend {
                     next_seq: 0,
                 }),
                 reaper: Mutex::new(Reaper::None),
+                handovers: AtomicU64::new(0),
             }),
         })
     }
@@ -139,6 +140,7 @@ impl UringBackend {
     /// future wait for it on the polling thread (see [`Assist`]).
     pub(super) fn submit(&self, req: Request) -> Option<Assist> {
         let shared = &self.shared;
+        let handovers = shared.handovers.load(Ordering::SeqCst);
         if let Err(e) = shared.ensure_reaper() {
             tracing::error!(error = %e, "cannot start waiting for io_uring completions");
             req.finish(Err(e));
@@ -151,6 +153,19 @@ impl UringBackend {
         let key = st.slab.insert(InFlight { req, done: 0, seq });
         st.ready.push_back(key);
         shared.pump(st);
+        // The reaper task may have gone with its runtime between
+        // `ensure_reaper` and the insert above, having found no I/O to hand
+        // to a thread (see `Handover`): then nothing would wake this
+        // request's waiter. A handover counts itself before it looks at the
+        // slab, so an unchanged count means it saw this request.
+        if shared.handovers.load(Ordering::SeqCst) != handovers {
+            if let Err(e) = shared.ensure_reaper() {
+                tracing::error!(
+                    error = %e,
+                    "cannot start waiting for io_uring completions; in-flight I/O waits for the next submission"
+                );
+            }
+        }
         small.then(|| Assist {
             shared: shared.clone(),
             key,
@@ -217,6 +232,8 @@ struct Shared {
     state: Mutex<State>,
     /// Who waits for completions. Never locked while `state` is held.
     reaper: Mutex<Reaper>,
+    /// Reaper tasks that went with their runtime (see `submit`).
+    handovers: AtomicU64,
 }
 
 /// The bookkeeping guarded by `Shared::state`.
@@ -281,6 +298,29 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
+/// Paces a retry of `io_uring_enter` with nothing else in flight to wait
+/// for: 1 ms apart, and a warning once a second while it lasts, so a kernel
+/// that keeps refusing (out of memory for requests, say) shows in the log
+/// instead of as I/O that silently stalls.
+#[derive(Default)]
+struct Backoff {
+    retries: u32,
+}
+
+impl Backoff {
+    fn wait(&mut self, e: &io::Error, doing: &str) {
+        self.retries += 1;
+        if self.retries.is_multiple_of(1000) {
+            tracing::warn!(
+                error = %e,
+                retries = self.retries,
+                "io_uring_enter keeps failing while {doing}; still retrying (is the system short of memory?)"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 impl Shared {
     /// Make sure something will wake the waiters of the I/O about to be
     /// submitted: the reaper task of the current multi-thread runtime if
@@ -309,7 +349,14 @@ impl Shared {
                         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
                         let token = Arc::new(());
                         let alive = Arc::downgrade(&token);
-                        rt.spawn(reap_task(afd, generation, token));
+                        let handover = Handover {
+                            shared: self.clone(),
+                            generation,
+                            _alive: token,
+                        };
+                        SPAWNING_REAPER.set(true);
+                        rt.spawn(reap_task(afd, handover));
+                        SPAWNING_REAPER.set(false);
                         // A runtime that is shutting down drops the task at
                         // once; then this caller needs the thread after all.
                         if alive.strong_count() > 0 {
@@ -336,6 +383,7 @@ impl Shared {
     /// thread is doing it; then hand back the outcomes, outside the lock.
     fn pump<'a>(&'a self, mut st: MutexGuard<'a, State>) {
         let mut done = Vec::new();
+        let mut backoff = Backoff::default();
         loop {
             if !st.assisted {
                 self.reap(&mut st, &mut done);
@@ -361,7 +409,7 @@ impl Shared {
                         tracing::error!(error = %e, "io_uring_enter failed");
                     }
                     drop(st);
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    backoff.wait(&e, "submitting");
                     st = self.state.lock();
                 }
             }
@@ -522,6 +570,7 @@ impl Assist {
         // below, so it runs after the lock is released).
         let _unmute = Unmute(shared);
         let mut finished = Vec::new();
+        let mut backoff = Backoff::default();
         let mut st = shared.state.lock();
         loop {
             shared.reap(&mut st, &mut finished);
@@ -534,8 +583,11 @@ impl Assist {
             }
             // This request's CQE is not reaped yet, and only this thread
             // reaps until it returns: the wait cannot miss it.
-            if let Err(e) = shared.ring.submitter().submit_and_wait(1) {
-                if !transient(&e) {
+            match shared.ring.submitter().submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if transient(&e) => backoff.wait(&e, "waiting for a completion"),
+                Err(e) => {
                     tracing::error!(error = %e, "io_uring_enter failed while waiting");
                     return;
                 }
@@ -581,14 +633,9 @@ fn may_block_here() -> bool {
 }
 
 /// The reaper task: waits on the runtime's reactor for the eventfd.
-async fn reap_task(afd: AsyncFd<EventFd>, generation: u64, _alive: Arc<()>) {
+async fn reap_task(afd: AsyncFd<EventFd>, handover: Handover) {
+    let _handover = handover;
     let shared = &afd.get_ref().0;
-    // Created on the first poll, so a task dropped unpolled (its runtime was
-    // already shutting down) leaves only the dead `_alive` token behind.
-    let _handover = Handover {
-        shared: shared.clone(),
-        generation,
-    };
     loop {
         let mut guard = match afd.readable().await {
             Ok(g) => g,
@@ -605,21 +652,38 @@ async fn reap_task(afd: AsyncFd<EventFd>, generation: u64, _alive: Arc<()>) {
     }
 }
 
-/// Dropped with the reaper task (which happens when its runtime shuts down
-/// while the backend lives on): requests still in flight get the helper
-/// thread, and the next submission picks a new reaper otherwise.
+thread_local! {
+    /// `ensure_reaper` is spawning a reaper task with the reaper lock held.
+    /// A runtime that is shutting down drops the task right inside `spawn`;
+    /// its `Handover` then leaves the fallback to the spawner, which sees
+    /// the dead token, instead of taking the lock the spawner holds.
+    static SPAWNING_REAPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Dropped with the reaper task, polled or not (which happens when its
+/// runtime shuts down while the backend lives on): requests still in flight
+/// get the helper thread, and the next submission picks a new reaper
+/// otherwise.
 struct Handover {
     shared: Arc<Shared>,
     generation: u64,
+    /// The task's liveness as `Reaper::Tokio` sees it.
+    _alive: Arc<()>,
 }
 
 impl Drop for Handover {
     fn drop(&mut self) {
+        if SPAWNING_REAPER.get() {
+            return;
+        }
         let mut reaper = self.shared.reaper.lock();
         if !matches!(&*reaper, Reaper::Tokio { generation, .. } if *generation == self.generation) {
             return;
         }
         *reaper = Reaper::None;
+        // Before looking at the slab: a submitter whose request is not in it
+        // yet sees the count move and finds a new reaper itself.
+        self.shared.handovers.fetch_add(1, Ordering::SeqCst);
         let busy = {
             let st = self.shared.state.lock();
             !st.closing && !st.slab.is_empty()
@@ -916,6 +980,40 @@ mod tests {
     /// The runtime whose reaper task watches the ring shuts down with I/O in
     /// flight: those complete anyway (their buffers stay owned until then),
     /// and the engine keeps working, in another runtime and in none.
+    /// Runtimes shut down over and over while their tasks and blocking
+    /// threads submit: each shutdown drops the reaper task (polled or not)
+    /// just as others submit. The blocking threads outlive the tasks (the
+    /// runtime waits for them), and every one of their requests must still
+    /// complete, on whichever reaper comes next.
+    #[test]
+    fn reaper_handover_races_submissions() {
+        let Some(io) = uring() else { return };
+        within(120, move || {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = io.open_disk(&dir.path().join("d"), Some(4 << 20)).unwrap();
+            for round in 0..150u64 {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                for slot in 0..2 {
+                    rt.spawn(churn(disk.clone(), slot, 1_000_000));
+                }
+                for slot in 2..4 {
+                    let (d, h) = (disk.clone(), rt.handle().clone());
+                    rt.spawn_blocking(move || h.block_on(churn(d, slot, 40)));
+                }
+                // From "before the reaper's first poll" to "mid-I/O".
+                std::thread::sleep(Duration::from_micros(round % 7 * 150));
+                drop(rt);
+                // Outside any runtime: the helper thread, or a reaper that
+                // the dropped runtime left behind, must serve this.
+                futures::executor::block_on(churn(disk.clone(), 5, 3));
+            }
+        });
+    }
+
     #[test]
     fn outlives_its_runtime() {
         let Some(io) = uring() else { return };
