@@ -8,6 +8,13 @@
 # Workloads: 4 KiB random read/write at QD 32, 4 KiB random read at QD 1,
 # 1 MiB sequential read/write. Prints a Markdown table.
 #
+# At QD 1 on this 2-vCPU VM most of a request's time is the wake-up of
+# whichever side runs on the other vCPU, so the scheduler's placement
+# decides the result more than the server does (a server on fio's vCPU
+# answers in a third of the time). The "qd1 pinned" row therefore runs the
+# same workload with fio on CPU 0 and the server's threads on CPU 1, which
+# gives every server the same placement.
+#
 #   benches/scripts/nbd-peers.sh [WORK_DIR] [SECONDS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -23,11 +30,11 @@ port() { /usr/bin/python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
 head -c 1G /dev/urandom >"$work/fill.bin"
-declare -A uri
+declare -A uri spid
 # Ballast
 rm -rf "$work/ballast"; bp=$(port); ap=$(port)
 "$bin/ballastd" --data "$work/ballast" --listen-nbd 127.0.0.1:$bp --listen-api 127.0.0.1:$ap >"$work/ballastd.log" 2>&1 &
-pids+=($!); wait_port $bp; wait_port $ap
+pids+=($!); spid[ballast]=$!; wait_port $bp; wait_port $ap
 "$bin/ballast" --api http://127.0.0.1:$ap volume create bench --size 1G >/dev/null
 uri[ballast]="nbd://127.0.0.1:$bp/bench"
 # qemu-nbd, two cache modes, each on its own raw file
@@ -35,11 +42,11 @@ for mode in default none; do
   f="$work/qemu-$mode.raw"; rm -f "$f"; truncate -s 1G "$f"; p=$(port)
   extra=(); [ "$mode" = none ] && extra=(--cache=none)
   qemu-nbd -f raw --aio=io_uring "${extra[@]}" -x bench -b 127.0.0.1 -p $p -e 8 -t "$f" >/dev/null 2>&1 &
-  pids+=($!); wait_port $p; uri[qemu-$mode]="nbd://127.0.0.1:$p/bench"
+  pids+=($!); spid[qemu-$mode]=$!; wait_port $p; uri[qemu-$mode]="nbd://127.0.0.1:$p/bench"
 done
 f="$work/nbdkit.raw"; rm -f "$f"; truncate -s 1G "$f"; p=$(port)
-nbdkit -f -p $p -i 127.0.0.1 file "$f" >/dev/null 2>&1 & pids+=($!); wait_port $p; uri[nbdkit-file]="nbd://127.0.0.1:$p/"
-p=$(port); nbdkit -f -p $p -i 127.0.0.1 null 1G >/dev/null 2>&1 & pids+=($!); wait_port $p; uri[nbdkit-null]="nbd://127.0.0.1:$p/"
+nbdkit -f -p $p -i 127.0.0.1 file "$f" >/dev/null 2>&1 & pids+=($!); spid[nbdkit-file]=$!; wait_port $p; uri[nbdkit-file]="nbd://127.0.0.1:$p/"
+p=$(port); nbdkit -f -p $p -i 127.0.0.1 null 1G >/dev/null 2>&1 & pids+=($!); spid[nbdkit-null]=$!; wait_port $p; uri[nbdkit-null]="nbd://127.0.0.1:$p/"
 
 targets=(ballast qemu-default qemu-none nbdkit-file nbdkit-null)
 for t in "${targets[@]}"; do
@@ -47,21 +54,27 @@ for t in "${targets[@]}"; do
   nbdcopy "$work/fill.bin" "${uri[$t]}"
 done
 
-run() { # target rw bs qd -> "iops MB/s"
-  fio --name=$1 --ioengine=nbd --uri="${uri[$1]}" --rw=$2 --bs=$3 --iodepth=$4 --size=1G \
+run() { # target rw bs qd [pinned] -> "iops MB/s"
+  local pin=()
+  if [ "${5:-}" = pinned ]; then
+    taskset -a -p -c 1 "${spid[$1]}" >/dev/null
+    pin=(taskset -c 0)
+  fi
+  "${pin[@]}" fio --name=$1 --ioengine=nbd --uri="${uri[$1]}" --rw=$2 --bs=$3 --iodepth=$4 --size=1G \
       --time_based --runtime=$secs --refill_buffers=1 --output-format=json 2>/dev/null |
     /usr/bin/python3 -c 'import json,sys
 t=sys.stdin.read(); d=json.loads(t[t.index("{"):])["jobs"][0]
 print("%.0f %.0f" % (d["read"]["iops"]+d["write"]["iops"], (d["read"]["bw_bytes"]+d["write"]["bw_bytes"])/1e6))'
+  if [ "${5:-}" = pinned ]; then taskset -a -p -c 0-$(($(nproc) - 1)) "${spid[$1]}" >/dev/null; fi
 }
-workloads=("randread 4k 32" "randwrite 4k 32" "randread 4k 1" "read 1m 8" "write 1m 8")
+workloads=("randread 4k 32" "randwrite 4k 32" "randread 4k 1" "randread 4k 1 pinned" "read 1m 8" "write 1m 8")
 printf '| workload |'; for t in "${targets[@]}"; do printf ' %s |' "$t"; done; echo
 printf '|---'; for _ in "${targets[@]}"; do printf '|---'; done; echo '|'
 for w in "${workloads[@]}"; do
-  read -r rw bs qd <<<"$w"
-  row="| $rw $bs qd$qd |"
+  read -r rw bs qd pinned <<<"$w"
+  row="| $rw $bs qd$qd${pinned:+ $pinned} |"
   for t in "${targets[@]}"; do
-    read -r iops mbps <<<"$(run "$t" "$rw" "$bs" "$qd")"
+    read -r iops mbps <<<"$(run "$t" "$rw" "$bs" "$qd" "$pinned")"
     if [ "$bs" = 1m ]; then row="$row $mbps MB/s |"; else row="$row $iops IOPS |"; fi
   done
   echo "$row"
