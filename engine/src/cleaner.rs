@@ -12,7 +12,7 @@ use crate::error::{EngineError, Result};
 use crate::io::{AlignedBuf, IO_ALIGN};
 use crate::key::{RecordMeta, SegmentId};
 use crate::pool::SegState;
-use crate::record::{parse_header, HEADER_LEN};
+use crate::record::{checked_header, parse_header, HEADER_LEN};
 use crate::state::Txn;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -103,7 +103,15 @@ pub(crate) async fn clean_pass(inner: &Arc<Inner>, aggressive: bool) -> Result<u
 }
 
 async fn clean_segment(inner: &Arc<Inner>, id: SegmentId, written: u32) -> Result<()> {
-    let seg_size = inner.space.lock().segment_size;
+    let seg_size = {
+        let space = inner.space.lock();
+        match space.used.get(&id) {
+            Some(i) if i.state == SegState::Sealed && i.written == written => {}
+            // Freed (and perhaps reused) since it was picked.
+            _ => return Ok(()),
+        }
+        space.segment_size
+    };
     let disk = inner
         .disks
         .read()
@@ -145,14 +153,19 @@ async fn clean_segment(inner: &Arc<Inner>, id: SegmentId, written: u32) -> Resul
         ));
         pos += total;
     }
-    // Keep only records the index still points at here.
+    // Keep only records the index still points at here, and only intact
+    // ones: the copy is made verbatim, and a record read torn (the segment
+    // was freed and reused since the candidates were picked, and is being
+    // written again) or rotten must not become the indexed copy. A rotten
+    // one stays where it is and keeps failing its reads.
     let metas = inner.resolve_records(live.iter().map(|(k, _, _)| k))?;
-    live.retain(|(k, m, _)| {
+    live.retain(|(k, m, pos)| {
         metas
             .get(k)
             .copied()
             .flatten()
             .is_some_and(|cur| cur.segment == id && cur.offset == m.offset)
+            && checked_header(&buf[*pos..]).is_some_and(|h| h.key == *k)
     });
     let mut moved = Vec::with_capacity(live.len());
     {
@@ -171,14 +184,17 @@ async fn clean_segment(inner: &Arc<Inner>, id: SegmentId, written: u32) -> Resul
         st: &mut st,
         meta: &inner.meta,
     };
-    for (k, old, p) in moved {
+    for (k, old, p) in &moved {
         // Only repoint what did not change meanwhile; otherwise our copy is garbage.
-        if let Some(cur) = tx.record(&k)? {
+        if let Some(cur) = tx.record(k)? {
             if cur.segment == old.segment && cur.offset == old.offset {
-                tx.relocate(k, cur, p.segment, p.offset);
+                tx.relocate(*k, cur, p.segment, p.offset);
             }
         }
     }
+    // The copies' segments stay held until here (see `Unpublished`).
+    drop(st);
+    drop(moved);
     Ok(())
 }
 

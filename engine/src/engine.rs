@@ -182,6 +182,7 @@ impl Engine {
                 committing: None,
                 committed: counters,
                 next_nonce: counters.next_nonce.max(1),
+                late: Default::default(),
             }),
             catalog: RwLock::new(catalog),
             meta,
@@ -321,8 +322,9 @@ impl Engine {
         }
         // Let in-flight segment writes finish so no task still holds the engine.
         let pending = {
+            // The writers' lock order: disk list, then writer.
+            let disks = self.inner.disks.read();
             let mut w = self.inner.writer.lock();
-            let disks = self.inner.disks.read().clone();
             w.prepare_commit(&disks, &self.inner.rt).0
         };
         for p in pending {
@@ -584,11 +586,14 @@ impl Engine {
             )?;
         }
         self.inner.meta.persist()?;
+        // The list first, then its segments: anyone who can allocate one of
+        // them (under `space`) took the disk list after this push, so the
+        // list it writes the segment through holds the disk.
+        self.inner.disks.write().push(disk.clone());
         self.inner
             .space
             .lock()
             .add_disk(disk.id, disk.segments, &HashMap::new());
-        self.inner.disks.write().push(disk.clone());
         tracing::info!(path = %disk.path.display(), segments = disk.segments, "disk added to pool");
         Ok(self.disk_stats(&disk, &self.inner.space.lock()))
     }
@@ -929,7 +934,6 @@ impl Inner {
     async fn commit(&self) -> Result<()> {
         self.commits_started.fetch_add(1, Ordering::SeqCst);
         let t0 = Instant::now();
-        let disks = self.disks.read().clone();
         // 1. Freeze the overlay.
         let (ov, committed, next_nonce) = {
             let mut st = self.state.lock();
@@ -939,10 +943,17 @@ impl Inner {
         };
         // 2. Everything the frozen overlay references was appended before the
         // freeze; write it all out and make it durable.
-        let (pending, dirty, written) = {
+        // The disk list is read after the freeze, in the writers' lock order
+        // (list, then writer): a segment on a disk added meanwhile, which the
+        // frozen overlay may reference, is then on this list to be padded,
+        // written and synced.
+        let (disks, pending, dirty, written) = {
+            let list = self.disks.read();
             let mut w = self.writer.lock();
+            let disks = list.clone();
+            drop(list);
             let (p, d) = w.prepare_commit(&disks, &self.rt);
-            (p, d, std::mem::take(&mut w.written))
+            (disks, p, d, std::mem::take(&mut w.written))
         };
         for p in pending {
             match p.await {

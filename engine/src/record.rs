@@ -106,18 +106,25 @@ pub enum RecordFault {
     Decompress,
 }
 
-/// Verify the record at the start of `b` against its crc and the expected key,
-/// and return the raw block.
-pub fn decode(b: &[u8], expect: &BlockKey, out: &mut [u8]) -> Result<(), RecordFault> {
-    let h = parse_header(b).ok_or(RecordFault::Checksum)?;
+/// The record at the start of `b`, if it is whole and its crc matches.
+pub fn checked_header(b: &[u8]) -> Option<Header> {
+    let h = parse_header(b)?;
     let end = HEADER_LEN + h.stored_len as usize;
-    if b.len() < end || h.raw_len as usize != out.len() {
-        return Err(RecordFault::Checksum);
+    if b.len() < end {
+        return None;
     }
     let mut c = crc32fast::Hasher::new();
     c.update(&b[8..HEADER_LEN]);
     c.update(&b[HEADER_LEN..end]);
-    if c.finalize() != u32::from_le_bytes(b[4..8].try_into().unwrap()) {
+    (c.finalize() == u32::from_le_bytes(b[4..8].try_into().ok()?)).then_some(h)
+}
+
+/// Verify the record at the start of `b` against its crc and the expected key,
+/// and return the raw block.
+pub fn decode(b: &[u8], expect: &BlockKey, out: &mut [u8]) -> Result<(), RecordFault> {
+    let h = checked_header(b).ok_or(RecordFault::Checksum)?;
+    let end = HEADER_LEN + h.stored_len as usize;
+    if h.raw_len as usize != out.len() {
         return Err(RecordFault::Checksum);
     }
     if h.key != *expect {

@@ -24,6 +24,24 @@ pub(crate) struct SegImage {
     pub fill: usize,
     issued: usize,
     outstanding: Arc<AtomicUsize>,
+    /// Records appended whose index entries are not yet in the overlay
+    /// (see [`Unpublished`]).
+    unpublished: Arc<AtomicUsize>,
+}
+
+/// A record appended but not yet installed in the overlay. Until it is, the
+/// overlay has no live bytes in its segment and the store may have none
+/// either, so a commit would see an empty sealed segment and free it under
+/// the writer about to point into it. The segment's image (and with it the
+/// segment, see `Writer::held_ids`) stays held while any of these lives;
+/// drop it once the install (or the decision not to) is made under the
+/// state lock.
+pub(crate) struct Unpublished(Arc<AtomicUsize>);
+
+impl Drop for Unpublished {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
 }
 
 pub(crate) struct Writer {
@@ -44,11 +62,12 @@ fn align_down(v: usize) -> usize {
     v / IO_ALIGN * IO_ALIGN
 }
 
-/// Where a record landed.
-#[derive(Clone, Copy, Debug)]
+/// Where a record landed; holds its segment until dropped (see
+/// [`Unpublished`]).
 pub(crate) struct Placed {
     pub segment: SegmentId,
     pub offset: u32,
+    pub hold: Unpublished,
 }
 
 impl Writer {
@@ -106,6 +125,7 @@ impl Writer {
                 fill: 0,
                 issued: 0,
                 outstanding: Arc::new(AtomicUsize::new(0)),
+                unpublished: Arc::new(AtomicUsize::new(0)),
             });
         }
         let open = self
@@ -115,9 +135,11 @@ impl Writer {
         let offset = open.fill;
         fill(&mut open.buf[offset..offset + len]);
         open.fill += len;
+        open.unpublished.fetch_add(1, Ordering::Relaxed);
         let placed = Placed {
             segment: open.id,
             offset: offset as u32,
+            hold: Unpublished(open.unpublished.clone()),
         };
         if open.fill - open.issued >= STREAM_CHUNK {
             let upto = align_down(open.fill);
@@ -158,10 +180,12 @@ impl Writer {
         self.sealed.push(img);
     }
 
-    /// Drop images whose writes have all completed.
+    /// Drop images whose writes have all completed and whose records are
+    /// all installed (or abandoned).
     fn prune(&mut self) {
-        self.sealed
-            .retain(|s| s.outstanding.load(Ordering::Acquire) > 0);
+        self.sealed.retain(|s| {
+            s.outstanding.load(Ordering::Acquire) > 0 || s.unpublished.load(Ordering::Acquire) > 0
+        });
     }
 
     /// Copy `out.len()` bytes at `offset` of `segment` if its image is in memory.
@@ -229,7 +253,13 @@ fn issue_range(
     if upto <= img.issued {
         return None;
     }
-    let disk = disks.iter().find(|d| d.id == img.id.disk)?.clone();
+    let Some(disk) = disks.iter().find(|d| d.id == img.id.disk).cloned() else {
+        // Cannot happen: a disk joins the list before its segments can be
+        // allocated (`Engine::add_disk`). Say so loudly rather than lose
+        // the range quietly.
+        tracing::error!(segment = ?img.id, "segment write skipped: its disk is not in the pool's disk list");
+        return None;
+    };
     let start = img.issued;
     let mut chunk = AlignedBuf::recycled(upto - start);
     chunk.copy_from_slice(&img.buf[start..upto]);
@@ -242,4 +272,61 @@ fn issue_range(
         outstanding.fetch_sub(1, Ordering::AcqRel);
         r
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{BackendChoice, IoEngine};
+
+    /// A sealed segment whose writes are done stays held while a record
+    /// appended to it is not yet installed, and only then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sealed_segments_stay_held_until_their_records_are_installed() {
+        const SEG: u32 = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let io = IoEngine::new(BackendChoice::Threads).unwrap();
+        let dio = io.open_disk(&dir.path().join("d"), Some(4 << 20)).unwrap();
+        let disks = vec![Arc::new(PoolDisk {
+            id: 0,
+            path: dir.path().join("d"),
+            io: dio,
+            segments: 8,
+        })];
+        let space = parking_lot::Mutex::new(Space::new(SEG));
+        space.lock().add_disk(0, 8, &HashMap::new());
+        let rt = tokio::runtime::Handle::current();
+        let mut w = Writer::new(SEG);
+        let append = |w: &mut Writer| {
+            w.append(4096, &space, &disks, &rt, false, |out| out.fill(7))
+                .unwrap()
+        };
+        let first = append(&mut w);
+        let mut rest = Vec::new();
+        // Fill the first segment, then one record into the next: the first
+        // is sealed and its writes issued.
+        while rest.len() < (SEG / 4096) as usize {
+            rest.push(append(&mut w));
+        }
+        assert_ne!(rest.last().unwrap().segment, first.segment);
+        for h in std::mem::take(&mut w.pending) {
+            h.await.unwrap().unwrap();
+        }
+        assert!(
+            w.held_ids().contains(&first.segment),
+            "a record is not installed"
+        );
+        drop(first);
+        rest.retain(|p| p.segment != w.open.as_ref().unwrap().id);
+        assert!(
+            w.held_ids().contains(&rest[0].segment),
+            "still not installed"
+        );
+        let sealed = rest[0].segment;
+        drop(rest);
+        assert!(
+            !w.held_ids().contains(&sealed),
+            "all installed, writes done"
+        );
+    }
 }

@@ -58,6 +58,70 @@ pub(crate) struct State {
     pub committing: Option<Arc<Overlay>>,
     pub committed: Counters,
     pub next_nonce: u64,
+    pub late: LateWrites,
+}
+
+/// Writes whose effect lands after their call returned: a read-modify-write
+/// of partial blocks (which may have to read the old blocks from disk) and
+/// a retry after ENOSPC. Each is registered when it is called. A write that
+/// takes effect within its call (full blocks, unmaps) supersedes, block by
+/// block, every late write registered before it, and a late write leaves
+/// its superseded blocks alone when it lands: an earlier partial write that
+/// read the old block never undoes a later full-block write, whenever its
+/// read happened. Late writes do not supersede one another: the volume's
+/// read-modify-write lock runs them one at a time, each reading what the
+/// previous one left.
+#[derive(Default)]
+pub(crate) struct LateWrites {
+    next_id: u64,
+    list: Vec<LateWrite>,
+}
+
+struct LateWrite {
+    id: u64,
+    volume: u32,
+    first: u64,
+    /// One flag per block from `first`.
+    superseded: Vec<bool>,
+}
+
+impl LateWrites {
+    /// A late write of blocks `[first, end)` of `volume`; returns its id.
+    pub fn register(&mut self, volume: u32, first: u64, end: u64) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.list.push(LateWrite {
+            id,
+            volume,
+            first,
+            superseded: vec![false; end.saturating_sub(first) as usize],
+        });
+        id
+    }
+
+    pub fn remove(&mut self, id: u64) {
+        self.list.retain(|w| w.id != id);
+    }
+
+    /// Blocks `[first, end)` of `volume` just took effect.
+    pub fn supersede(&mut self, volume: u32, first: u64, end: u64) {
+        for w in self.list.iter_mut().filter(|w| w.volume == volume) {
+            let lo = first.max(w.first);
+            let hi = end.min(w.first + w.superseded.len() as u64);
+            for b in lo..hi {
+                w.superseded[(b - w.first) as usize] = true;
+            }
+        }
+    }
+
+    /// The blocks of late write `id` that later writes superseded, if any.
+    pub fn superseded(&self, id: u64) -> Option<&[bool]> {
+        self.list
+            .iter()
+            .find(|w| w.id == id)
+            .map(|w| &w.superseded[..])
+            .filter(|s| s.contains(&true))
+    }
 }
 
 /// Looks through the overlays to the store. Holds `&mut State`, so every

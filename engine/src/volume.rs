@@ -232,23 +232,45 @@ impl Volume {
         }
         let bs = self.v.block_size as u64;
         let this = self.clone();
+        let first = offset / bs;
+        let end = (offset + data.len() as u64).div_ceil(bs);
         if offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs) {
-            let first = self.write_blocks(offset / bs, &data);
-            Box::pin(async move {
-                match first {
-                    Err(EngineError::NoSpace) => {
+            match self.write_blocks(first, &data, None) {
+                Err(EngineError::NoSpace) => {
+                    // Lands late: registered now, so that writes after
+                    // this one are not undone by its retry.
+                    let late = self.register_late(first, end);
+                    Box::pin(async move {
+                        let _rmw = this.v.rmw.lock().await;
                         this.inner.make_space().await?;
-                        this.write_blocks(offset / bs, &data)?;
-                    }
-                    r => r?,
+                        this.write_blocks(first, &data, Some(late.id))?;
+                        drop(late);
+                        this.finish_write(fua).await
+                    })
                 }
-                this.finish_write(fua).await
-            })
+                r => Box::pin(async move {
+                    r?;
+                    this.finish_write(fua).await
+                }),
+            }
         } else {
+            let late = self.register_late(first, end);
             Box::pin(async move {
-                this.write_unaligned(offset, &data).await?;
+                let rmw = this.v.rmw.lock().await;
+                this.write_unaligned(&rmw, offset, &data, late.id).await?;
+                drop(late);
                 this.finish_write(fua).await
             })
+        }
+    }
+
+    /// Registers a write of blocks `[first, end)` that takes effect after
+    /// its call returns (see `state::LateWrites`); dropping the guard ends it.
+    fn register_late(&self, first: u64, end: u64) -> LateGuard {
+        let id = self.inner.state.lock().late.register(self.v.id, first, end);
+        LateGuard {
+            inner: self.inner.clone(),
+            id,
         }
     }
 
@@ -260,9 +282,16 @@ impl Volume {
         Ok(())
     }
 
-    async fn write_unaligned(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// Read-modify-write of the blocks `data` touches; the caller holds the
+    /// volume's read-modify-write lock and registered late write `late`.
+    async fn write_unaligned(
+        &self,
+        _rmw: &tokio::sync::MutexGuard<'_, ()>,
+        offset: u64,
+        data: &[u8],
+        late: u64,
+    ) -> Result<()> {
         let bs = self.v.block_size as u64;
-        let _g = self.v.rmw.lock().await;
         let first = offset / bs;
         let end = (offset + data.len() as u64).div_ceil(bs);
         let mut buf = vec![0u8; ((end - first) * bs) as usize];
@@ -280,17 +309,20 @@ impl Volume {
         let at = (offset - first * bs) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
         let buf = Bytes::from(buf);
-        match self.write_blocks(first, &buf) {
+        match self.write_blocks(first, &buf, Some(late)) {
             Err(EngineError::NoSpace) => {
                 self.inner.make_space().await?;
-                self.write_blocks(first, &buf)
+                self.write_blocks(first, &buf, Some(late))
             }
             r => r,
         }
     }
 
     /// The synchronous heart of the write path (see the module comment).
-    fn write_blocks(&self, lba0: u64, data: &Bytes) -> Result<()> {
+    /// `late`: the late write (see `state::LateWrites`) this lands, which
+    /// skips the blocks later writes superseded; `None` for a write taking
+    /// effect in its call, which supersedes the late writes before it.
+    fn write_blocks(&self, lba0: u64, data: &Bytes, late: Option<u64>) -> Result<()> {
         self.check_live()?;
         let bs = self.v.block_size as usize;
         let n = data.len() / bs;
@@ -345,6 +377,9 @@ impl Volume {
                 staged.push((i, codec, c));
             }
             let mut placed: Vec<(BlockKey, RecordMeta)> = Vec::with_capacity(staged.len());
+            // Holds the segments of `placed` until they are installed below
+            // (see `segment::Unpublished`); dropped at the end of this attempt.
+            let mut holds = Vec::with_capacity(staged.len());
             {
                 let disks = self.inner.disks.read();
                 let mut w = self.inner.writer.lock();
@@ -370,15 +405,35 @@ impl Volume {
                             refs: 0,
                         },
                     ));
+                    holds.push(p.hold);
                 }
             }
             // 3. Install.
             let mut st = self.inner.state.lock();
+            // Again under the state lock: a delete that began since the
+            // check at the top has unmapped the volume under this lock, and
+            // mappings installed after it would hold references forever.
+            self.check_live()?;
+            // The blocks this write sets: all, unless it lands late and later
+            // writes took some of them over.
+            let skip: Option<Vec<bool>> =
+                late.and_then(|id| st.late.superseded(id).map(<[bool]>::to_vec));
+            let sets = |i: usize| skip.as_ref().is_none_or(|s| !s[i]);
+            let used: Option<std::collections::HashSet<BlockKey>> = skip.as_ref().map(|_| {
+                keys.iter()
+                    .enumerate()
+                    .filter(|&(i, _)| sets(i))
+                    .filter_map(|(_, k)| *k)
+                    .collect()
+            });
             let mut tx = Txn {
                 st: &mut st,
                 meta: &self.inner.meta,
             };
             for (key, meta) in &placed {
+                if used.as_ref().is_some_and(|u| !u.contains(key)) {
+                    continue; // only superseded blocks wanted it: garbage
+                }
                 // Another writer may have stored the same content meanwhile:
                 // then ours is garbage for the cleaner, and we reference theirs.
                 if tx.record(key)?.is_none() {
@@ -387,8 +442,11 @@ impl Volume {
             }
             // A record found by the dedup lookup may have died since: retry.
             let mut missing = false;
-            for k in keys.iter().flatten() {
-                if tx.record(k)?.is_none() {
+            for (i, k) in keys.iter().enumerate() {
+                let Some(k) = k.filter(|_| sets(i)) else {
+                    continue;
+                };
+                if tx.record(&k)?.is_none() {
                     missing = true;
                     break;
                 }
@@ -396,8 +454,27 @@ impl Volume {
             if missing {
                 continue;
             }
-            tx.set_blocks(self.v.id, lba0, &keys)?;
+            match &skip {
+                None => tx.set_blocks(self.v.id, lba0, &keys)?,
+                Some(skip) => {
+                    // Each run of blocks still this write's.
+                    let mut i = 0;
+                    while i < n {
+                        if skip[i] {
+                            i += 1;
+                            continue;
+                        }
+                        let run = skip[i..].iter().take_while(|s| !**s).count();
+                        tx.set_blocks(self.v.id, lba0 + i as u64, &keys[i..i + run])?;
+                        i += run;
+                    }
+                }
+            }
+            if late.is_none() {
+                st.late.supersede(self.v.id, lba0, lba0 + n as u64);
+            }
             drop(st);
+            drop(holds);
             if data.len() > CACHE_WRITES_UP_TO && !self.inner.read_cache.has_room(data.len() as u64)
             {
                 return Ok(());
@@ -611,20 +688,28 @@ impl Volume {
         } else {
             Ok(())
         };
+        // Partial blocks at either end are zeroed in place, late (see
+        // `state::LateWrites`), under one hold of the read-modify-write lock.
+        let head_end = (first_full * bs).min(offset + len);
+        let head = (offset < head_end).then_some((offset, head_end));
+        let tail_start = (end_full * bs).max(head_end);
+        let tail = (tail_start < offset + len).then_some((tail_start, offset + len));
+        let edges: Vec<((u64, u64), LateGuard)> = [head, tail]
+            .into_iter()
+            .flatten()
+            .map(|(a, b)| ((a, b), self.register_late(a / bs, b.div_ceil(bs))))
+            .collect();
         let this = self.clone();
         Box::pin(async move {
             eager?;
-            // Partial blocks at either end are zeroed in place.
-            let head_end = (first_full * bs).min(offset + len);
-            if offset < head_end {
-                let zeros = vec![0u8; (head_end - offset) as usize];
-                this.write_unaligned(offset, &zeros).await?;
+            if !edges.is_empty() {
+                let rmw = this.v.rmw.lock().await;
+                for ((a, b), late) in &edges {
+                    let zeros = vec![0u8; (b - a) as usize];
+                    this.write_unaligned(&rmw, *a, &zeros, late.id).await?;
+                }
             }
-            let tail_start = (end_full * bs).max(head_end);
-            if tail_start < offset + len {
-                let zeros = vec![0u8; (offset + len - tail_start) as usize];
-                this.write_unaligned(tail_start, &zeros).await?;
-            }
+            drop(edges);
             this.finish_write(fua).await
         })
     }
@@ -639,6 +724,7 @@ impl Volume {
         while lba < end {
             let chunk_end = (lba + UNMAP_CHUNK).min(end);
             let mut st = self.inner.state.lock();
+            self.check_live()?; // see `write_blocks`
             let mut tx = Txn {
                 st: &mut st,
                 meta: &self.inner.meta,
@@ -652,6 +738,7 @@ impl Volume {
                     tx.set_block(self.v.id, l, None)?;
                 }
             }
+            tx.st.late.supersede(self.v.id, lba, chunk_end);
             lba = chunk_end;
         }
         Ok(())
@@ -729,6 +816,7 @@ impl Volume {
         }
         let key = BlockKey::content(*hash);
         let mut st = self.inner.state.lock();
+        self.check_live()?; // see `write_blocks`
         let mut tx = Txn {
             st: &mut st,
             meta: &self.inner.meta,
@@ -736,10 +824,24 @@ impl Volume {
         match tx.record(&key)? {
             Some(m) if m.raw_len as u64 == bs => {
                 tx.set_block(self.v.id, lba, Some(key))?;
+                tx.st.late.supersede(self.v.id, lba, lba + 1);
                 Ok(true)
             }
             _ => Ok(false),
         }
+    }
+}
+
+/// A registered late write (see `state::LateWrites`), ended when dropped,
+/// however its future ends.
+struct LateGuard {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for LateGuard {
+    fn drop(&mut self) {
+        self.inner.state.lock().late.remove(self.id);
     }
 }
 
@@ -796,6 +898,18 @@ impl Inner {
         let mut by_loc: HashMap<(crate::key::SegmentId, u32), (BlockKey, RecordMeta, Vec<usize>)> =
             HashMap::new();
         for (k, m, dst) in wanted {
+            // A damaged index entry must fail the read, not index past `out`.
+            if dst
+                .checked_add(m.raw_len as usize)
+                .is_none_or(|end| end > out.len())
+            {
+                return Err(EngineError::CorruptMeta(format!(
+                    "record {} claims {} raw bytes, more than the block it fills",
+                    crate::state::hex(&k.hash),
+                    m.raw_len
+                ))
+                .into());
+            }
             by_loc
                 .entry((m.segment, m.offset))
                 .or_insert_with(|| (*k, *m, Vec::new()))

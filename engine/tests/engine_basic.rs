@@ -518,3 +518,101 @@ async fn unflushed_writes_read_back_without_the_read_cache() {
     })
     .await;
 }
+
+/// A write covering part of a block lands late when the old block has to
+/// be read from disk. Writes called after it, which take effect at once,
+/// must not be undone when it lands (the NBD server relies on calls taking
+/// effect in call order): the later full-block write or trim wins its
+/// blocks, and a later partial write lands after it, on top of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_partial_writes_never_undo_later_writes() {
+    for_each_backend(|b| async move {
+        let h = Harness::new(b);
+        let mut cfg = h.config();
+        cfg.read_cache_bytes = 0;
+        let e = h.open_with(cfg).await;
+        e.create_volume("v", opts(8 << 20)).await.unwrap();
+        let v = e.open_volume("v").unwrap();
+        let bs = 4096usize;
+        // Blocks 0..4 hold `old`; then enough data to seal their segment,
+        // and a flush, so that reading them means reading the disk.
+        let old = move |i: u64| block(100 + i, bs, 0);
+        for i in 0..4u64 {
+            v.write(i * bs as u64, Bytes::from(old(i)), false)
+                .await
+                .unwrap();
+        }
+        v.write(1 << 20, Bytes::from(block(9, 3 << 20, 0)), false)
+            .await
+            .unwrap();
+        v.flush().await.unwrap();
+        v.write(4 << 20, Bytes::from(block(10, bs, 0)), false)
+            .await
+            .unwrap();
+
+        // In a task: polled from `block_on`, an I/O future may wait for its
+        // completion on the spot (the io_uring backend's assist).
+        let v2 = v.clone();
+        tokio::spawn(async move { late_writes(b, v2, old).await })
+            .await
+            .unwrap();
+        e.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+/// Awaits a write future that was polled once already, with that poll's result.
+async fn finish<F>(f: F, first: std::task::Poll<Result<(), EngineError>>)
+where
+    F: std::future::Future<Output = Result<(), EngineError>> + Unpin,
+{
+    match first {
+        std::task::Poll::Ready(r) => r.unwrap(),
+        std::task::Poll::Pending => f.await.unwrap(),
+    }
+}
+
+async fn late_writes(b: Backend, v: ballast_engine::Volume, old: impl Fn(u64) -> Vec<u8>) {
+    let bs = 4096usize;
+    // The simulated disk completes reads within their first poll.
+    let sync_io = matches!(b, Backend::Sim);
+    {
+        let part = Bytes::from(vec![0xAB; 512]);
+        let new = Bytes::from(block(200, bs, 0));
+        // Block 0: partial write, then a full-block write.
+        let mut p0 = v.write(512, part.clone(), false);
+        let r0 = futures::poll!(&mut p0);
+        assert!(r0.is_pending() || sync_io, "{b:?}: reads the disk");
+        v.write(0, new.clone(), false).await.unwrap();
+        // Block 1: partial write, then a trim of the whole block.
+        let mut p1 = v.write(bs as u64 + 512, part.clone(), false);
+        let r1 = futures::poll!(&mut p1);
+        assert!(r1.is_pending() || sync_io, "{b:?}: reads the disk");
+        v.trim(bs as u64, bs as u64, false).await.unwrap();
+        // Block 2: a partial write spanning into block 3, then a full write
+        // of block 3 only.
+        let mut p2 = v.write(2 * bs as u64 + 1024, Bytes::from(vec![0xCD; bs]), false);
+        let r2 = futures::poll!(&mut p2);
+        assert!(r2.is_pending() || sync_io, "{b:?}: reads the disk");
+        v.write(3 * bs as u64, new.clone(), false).await.unwrap();
+        // Block 0 again: a second partial write lands after the first.
+        let p3 = v.write(1024, Bytes::from(vec![0xEF; 512]), false);
+        finish(p0, r0).await;
+        finish(p1, r1).await;
+        finish(p2, r2).await;
+        p3.await.unwrap();
+
+        let got = v.read(0, 4 * bs as u32).await.unwrap().data;
+        let mut want0 = new.to_vec();
+        want0[1024..1536].fill(0xEF);
+        assert!(got[..bs] == want0[..], "{b:?}: block 0");
+        assert!(
+            got[bs..2 * bs].iter().all(|&x| x == 0),
+            "{b:?}: block 1 trimmed"
+        );
+        let mut want2 = old(2);
+        want2[1024..].fill(0xCD);
+        assert!(got[2 * bs..3 * bs] == want2[..], "{b:?}: block 2");
+        assert!(got[3 * bs..] == new[..], "{b:?}: block 3");
+    }
+}
