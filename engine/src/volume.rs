@@ -216,7 +216,9 @@ impl Volume {
     }
 
     /// Write `data` at `offset`. Takes effect (visible to readers) before this
-    /// returns the future, unless the write covers partial blocks.
+    /// returns the future, unless it covers partial blocks or meets a full
+    /// pool: then it lands later, but never over a write called after it
+    /// (see `state::LateWrites`).
     pub fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {
         if let Err(e) = self.check_write(offset, data.len() as u64) {
             return Box::pin(std::future::ready(Err(e)));
