@@ -539,8 +539,26 @@ impl Volume {
         let bs = self.v.block_size as u64;
         let first = offset / bs;
         let end = (offset + len).div_ceil(bs);
-        let keys = self.resolve_keys(first, end - first)?;
-        let mut parts = self.load_blocks(first, &keys).await?;
+        let mut attempt = 0;
+        let (keys, mut parts) = loop {
+            let keys = self.resolve_keys(first, end - first)?;
+            match self.load_blocks(first, &keys).await {
+                Ok(parts) => break (keys, parts),
+                // A block overwritten (or trimmed) between looking its key
+                // up and its record: the old record may be gone from the
+                // index, or its segment freed and reused. If the mappings
+                // moved on, read them again; the failure stands otherwise.
+                Err(e @ (EngineError::CorruptMeta(_) | EngineError::Checksum { .. }))
+                    if attempt < 3 =>
+                {
+                    if self.resolve_keys(first, end - first)? == keys {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let mut extents = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             let b_start = (first + i as u64) * bs;
@@ -889,6 +907,35 @@ impl Inner {
         Ok(out)
     }
 
+    /// What a record that failed its check at `m` means: `Moved` if the
+    /// index no longer points there (the cleaner moved it, or it died with
+    /// an overwrite, and its segment may have been reused), else a checksum
+    /// error, counted.
+    fn record_fault(
+        &self,
+        k: &BlockKey,
+        m: &RecordMeta,
+        slot: usize,
+        volume: &str,
+        what: &str,
+    ) -> std::result::Result<ReadFault, ReadFault> {
+        let now = self.resolve_records(std::iter::once(k))?;
+        if now
+            .get(k)
+            .copied()
+            .flatten()
+            .is_none_or(|n| n.segment != m.segment || n.offset != m.offset)
+        {
+            return Ok(ReadFault::Moved);
+        }
+        self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(volume, segment = ?m.segment, offset = m.offset, fault = what, "stored record failed its check");
+        Ok(ReadFault::Engine(EngineError::Checksum {
+            volume: volume.into(),
+            offset: slot as u64,
+        }))
+    }
+
     /// Fetch and verify records into `out` at the given offsets.
     pub(crate) async fn read_records(
         &self,
@@ -919,6 +966,7 @@ impl Inner {
                 .push(*dst);
         }
         let mut on_disk: Vec<(BlockKey, RecordMeta, Vec<usize>)> = Vec::new();
+        let mut suspect: Vec<(BlockKey, RecordMeta, usize)> = Vec::new();
         {
             let w = self.writer.lock();
             let mut tmp = Vec::new();
@@ -928,12 +976,9 @@ impl Inner {
                     let raw = m.raw_len as usize;
                     let (first, rest) = dsts.split_first().expect("at least one destination");
                     if record::decode(&tmp, &k, &mut out[*first..*first + raw]).is_err() {
-                        self.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                        return Err(EngineError::Checksum {
-                            volume: volume.into(),
-                            offset: *first as u64,
-                        }
-                        .into());
+                        // Checked below, without the writer lock.
+                        suspect.push((k, m, *first));
+                        continue;
                     }
                     for d in rest {
                         out.copy_within(*first..*first + raw, *d);
@@ -942,6 +987,9 @@ impl Inner {
                     on_disk.push((k, m, dsts));
                 }
             }
+        }
+        if let Some((k, m, first)) = suspect.first() {
+            return Err(self.record_fault(k, m, *first, volume, "in memory")?);
         }
         if on_disk.is_empty() {
             return Ok(());
@@ -1001,23 +1049,7 @@ impl Inner {
                 let raw = m.raw_len as usize;
                 let (first, rest) = dsts.split_first().expect("at least one destination");
                 if let Err(fault) = record::decode(&buf[rel..], k, &mut out[*first..*first + raw]) {
-                    // The cleaner may have moved the record and its segment been reused.
-                    let now = self.resolve_records(std::iter::once(k))?;
-                    if now
-                        .get(k)
-                        .copied()
-                        .flatten()
-                        .is_some_and(|n| n.segment != m.segment || n.offset != m.offset)
-                    {
-                        return Err(ReadFault::Moved);
-                    }
-                    self.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(volume, segment = ?m.segment, offset = m.offset, ?fault, "stored record failed its check");
-                    return Err(EngineError::Checksum {
-                        volume: volume.into(),
-                        offset: *first as u64,
-                    }
-                    .into());
+                    return Err(self.record_fault(k, m, *first, volume, &format!("{fault:?}"))?);
                 }
                 for d in rest {
                     out.copy_within(*first..*first + raw, *d);
