@@ -468,6 +468,11 @@ impl Engine {
         read_only: bool,
     ) -> Result<VolumeInfo> {
         let _c = self.inner.control.lock().await;
+        // Deletes run under the control lock too: one that finished while
+        // this call waited for it leaves `src` deleted, with nothing mapped.
+        if src.deleted.load(Ordering::SeqCst) {
+            return Err(EngineError::VolumeNotFound(src.name.clone()));
+        }
         let dst = {
             let mut cat = self.inner.catalog.write();
             if cat.contains_key(name) {
@@ -490,19 +495,42 @@ impl Engine {
             cat.insert(name.into(), v.clone());
             v
         };
-        let r = (|| {
+        let r = {
             let mut st = self.inner.state.lock();
             let mut tx = Txn {
                 st: &mut st,
                 meta: &self.inner.meta,
             };
-            for (lba, key) in tx.mapped_range(src.id, 0, u64::MAX)? {
-                tx.set_block(dst.id, lba, Some(key))?;
+            let copied = (|| {
+                for (lba, key) in tx.mapped_range(src.id, 0, u64::MAX)? {
+                    tx.set_block(dst.id, lba, Some(key))?;
+                }
+                Ok::<_, EngineError>(())
+            })();
+            match copied {
+                Ok(()) => {
+                    tx.st.cur.touched.insert(dst.id);
+                    Ok(())
+                }
+                Err(e) => {
+                    // The copy never existed: drop the references it took,
+                    // as a delete would.
+                    let undone = (|| {
+                        for (lba, _) in tx.mapped_range(dst.id, 0, u64::MAX)? {
+                            tx.set_block(dst.id, lba, None)?;
+                        }
+                        Ok::<_, EngineError>(())
+                    })();
+                    if let Err(u) = undone {
+                        tracing::error!(volume = name, error = %u, "undoing a failed copy");
+                    }
+                    tx.st.cur.deleted_volumes.insert(dst.id);
+                    Err(e)
+                }
             }
-            tx.st.cur.touched.insert(dst.id);
-            Ok::<_, EngineError>(())
-        })();
+        };
         if let Err(e) = r {
+            dst.deleted.store(true, Ordering::SeqCst);
             self.inner.catalog.write().remove(name);
             return Err(e);
         }
