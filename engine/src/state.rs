@@ -222,18 +222,34 @@ impl Txn<'_> {
             )));
         };
         m.refs = m.refs.saturating_sub(1);
-        let cur = &mut self.st.cur;
         if m.refs == 0 {
-            let fp = m.footprint() as i64;
-            cur.records.insert(*key, None);
-            *cur.seg_live.entry(m.segment).or_default() -= fp;
-            cur.unique -= m.raw_len as i64;
-            cur.stored -= fp;
-            cur.record_count -= 1;
+            self.remove_record(key, &m);
         } else {
-            cur.records.insert(*key, Some(m));
+            self.st.cur.records.insert(*key, Some(m));
         }
         Ok(())
+    }
+
+    fn remove_record(&mut self, key: &BlockKey, m: &RecordMeta) {
+        let cur = &mut self.st.cur;
+        let fp = m.footprint() as i64;
+        cur.records.insert(*key, None);
+        *cur.seg_live.entry(m.segment).or_default() -= fp;
+        cur.unique -= m.raw_len as i64;
+        cur.stored -= fp;
+        cur.record_count -= 1;
+    }
+
+    /// Undo `insert_record` for records nothing came to reference (a write
+    /// attempt that gave up after storing them).
+    pub fn remove_unreferenced(&mut self, keys: &[BlockKey]) {
+        for k in keys {
+            if let Some(Some(m)) = self.st.cur.records.get(k).copied() {
+                if m.refs == 0 {
+                    self.remove_record(k, &m);
+                }
+            }
+        }
     }
 
     /// Map (or unmap, with `None`) one block. The new record must exist.

@@ -432,6 +432,7 @@ impl Volume {
                 st: &mut st,
                 meta: &self.inner.meta,
             };
+            let mut inserted = Vec::new();
             for (key, meta) in &placed {
                 if used.as_ref().is_some_and(|u| !u.contains(key)) {
                     continue; // only superseded blocks wanted it: garbage
@@ -440,9 +441,12 @@ impl Volume {
                 // then ours is garbage for the cleaner, and we reference theirs.
                 if tx.record(key)?.is_none() {
                     tx.insert_record(*key, *meta);
+                    inserted.push(*key);
                 }
             }
-            // A record found by the dedup lookup may have died since: retry.
+            // A record found by the dedup lookup may have died since: retry
+            // (taking back what this attempt stored, which the next one
+            // may not get to reference).
             let mut missing = false;
             for (i, k) in keys.iter().enumerate() {
                 let Some(k) = k.filter(|_| sets(i)) else {
@@ -454,6 +458,7 @@ impl Volume {
                 }
             }
             if missing {
+                tx.remove_unreferenced(&inserted);
                 continue;
             }
             match &skip {
