@@ -936,9 +936,13 @@ impl Inner {
             match task.await {
                 Ok(r) => r?,
                 Err(e) => {
-                    return Err(EngineError::FailedPrecondition(format!(
-                        "the commit task died: {e}"
-                    )));
+                    // Its frozen overlay is neither in the store nor undone:
+                    // a later commit would freeze over it and lose it, so
+                    // refuse writes and flushes as after a failed commit.
+                    let why = format!("the commit task died: {e}");
+                    tracing::error!("{why}; refusing further writes");
+                    let _ = self.failed.set(why.clone());
+                    return Err(EngineError::FailedPrecondition(why));
                 }
             }
         }
