@@ -797,6 +797,20 @@ impl Volume {
 
     /// Content hashes of `count` blocks from `lba` (`None` = hole).
     pub fn block_hashes(&self, lba: u64, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
+        let bs = self.v.block_size as u64;
+        let (Some(offset), Some(len)) = (lba.checked_mul(bs), count.checked_mul(bs)) else {
+            return Err(EngineError::OutOfRange {
+                offset: lba.saturating_mul(bs),
+                len: count.saturating_mul(bs),
+                size: self.size(),
+            });
+        };
+        self.check_range(offset, len)?;
+        if count > 1 << 20 {
+            return Err(EngineError::InvalidArgument(format!(
+                "hashes of {count} blocks asked at once; ask for at most 1 Mi per call"
+            )));
+        }
         Ok(self
             .resolve_keys(lba, count)?
             .into_iter()

@@ -682,3 +682,18 @@ async fn reads_racing_overwrites_see_old_or_new_content() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_hashes_are_range_checked() {
+    let e = Harness::new(Backend::Threads).open().await;
+    e.create_volume("v", opts(1 << 20)).await.unwrap();
+    let v = e.open_volume("v").unwrap();
+    assert_eq!(v.block_hashes(255, 1).unwrap(), vec![None]);
+    for (lba, n) in [(256, 1), (0, 257), (u64::MAX, 1), (1, u64::MAX)] {
+        assert!(
+            matches!(v.block_hashes(lba, n), Err(EngineError::OutOfRange { .. })),
+            "{lba} + {n}"
+        );
+    }
+    e.shutdown().await.unwrap();
+}

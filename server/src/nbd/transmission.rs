@@ -608,8 +608,15 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                         )
                         .await;
                 }
-                let permits = self.permits(0).await?;
                 let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+                // The reply is held until written, like read data: count it
+                // (16 bytes a descriptor at most, at most one per 512 bytes).
+                let descriptors = if req_one {
+                    1
+                } else {
+                    (req.length / 512 + 2).min(MAX_DESCRIPTORS as u64)
+                };
+                let permits = self.permits(16 * descriptors).await?;
                 let max_ext = if self.mode == HeaderMode::Extended {
                     u64::MAX
                 } else {
