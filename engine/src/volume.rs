@@ -798,14 +798,8 @@ impl Volume {
     /// Content hashes of `count` blocks from `lba` (`None` = hole).
     pub fn block_hashes(&self, lba: u64, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
         let bs = self.v.block_size as u64;
-        let (Some(offset), Some(len)) = (lba.checked_mul(bs), count.checked_mul(bs)) else {
-            return Err(EngineError::OutOfRange {
-                offset: lba.saturating_mul(bs),
-                len: count.saturating_mul(bs),
-                size: self.size(),
-            });
-        };
-        self.check_range(offset, len)?;
+        // Saturated, an overflowing range still lies past the end.
+        self.check_range(lba.saturating_mul(bs), count.saturating_mul(bs))?;
         if count > 1 << 20 {
             return Err(EngineError::InvalidArgument(format!(
                 "hashes of {count} blocks asked at once; ask for at most 1 Mi per call"
@@ -985,7 +979,7 @@ impl Inner {
                 .push(*dst);
         }
         let mut on_disk: Vec<(BlockKey, RecordMeta, Vec<usize>)> = Vec::new();
-        let mut suspect: Vec<(BlockKey, RecordMeta, usize)> = Vec::new();
+        let mut suspect: Option<(BlockKey, RecordMeta, usize)> = None;
         {
             let w = self.writer.lock();
             let mut tmp = Vec::new();
@@ -996,8 +990,8 @@ impl Inner {
                     let (first, rest) = dsts.split_first().expect("at least one destination");
                     if record::decode(&tmp, &k, &mut out[*first..*first + raw]).is_err() {
                         // Checked below, without the writer lock.
-                        suspect.push((k, m, *first));
-                        continue;
+                        suspect = Some((k, m, *first));
+                        break;
                     }
                     for d in rest {
                         out.copy_within(*first..*first + raw, *d);
@@ -1007,8 +1001,8 @@ impl Inner {
                 }
             }
         }
-        if let Some((k, m, first)) = suspect.first() {
-            return Err(self.record_fault(k, m, *first, volume, "in memory")?);
+        if let Some((k, m, first)) = suspect {
+            return Err(self.record_fault(&k, &m, first, volume, "in memory")?);
         }
         if on_disk.is_empty() {
             return Ok(());

@@ -2,12 +2,23 @@
 
 mod common;
 
-use ballast_engine::{Compression, EngineError, VolumeOptions};
+use ballast_engine::{Compression, Engine, EngineError, Volume, VolumeOptions};
 use bytes::Bytes;
 use common::{backends, block, Backend, Harness};
 
 fn opts(size: u64) -> VolumeOptions {
     VolumeOptions::new(size)
+}
+
+/// An engine without a read cache (a block not in memory is read from the
+/// disk) and an empty volume "v" of `size` bytes on it.
+async fn without_read_cache(h: &Harness, size: u64) -> (Engine, Volume) {
+    let mut cfg = h.config();
+    cfg.read_cache_bytes = 0;
+    let e = h.open_with(cfg).await;
+    e.create_volume("v", opts(size)).await.unwrap();
+    let v = e.open_volume("v").unwrap();
+    (e, v)
 }
 
 async fn for_each_backend<F, Fut>(f: F)
@@ -482,12 +493,8 @@ async fn unflushed_writes_read_back_without_the_read_cache() {
     for_each_backend(|b| async move {
         let mut h = Harness::new(b);
         h.segment_size = 4 << 20;
-        let mut cfg = h.config();
-        cfg.read_cache_bytes = 0;
-        let e = h.open_with(cfg).await;
         const SIZE: u64 = 16 << 20;
-        e.create_volume("v", opts(SIZE)).await.unwrap();
-        let v = e.open_volume("v").unwrap();
+        let (e, v) = without_read_cache(&h, SIZE).await;
         let mut model = vec![0u8; SIZE as usize];
         let mut x = 7u64;
         for i in 0..(SIZE / 65536) {
@@ -528,11 +535,7 @@ async fn unflushed_writes_read_back_without_the_read_cache() {
 async fn late_partial_writes_never_undo_later_writes() {
     for_each_backend(|b| async move {
         let h = Harness::new(b);
-        let mut cfg = h.config();
-        cfg.read_cache_bytes = 0;
-        let e = h.open_with(cfg).await;
-        e.create_volume("v", opts(8 << 20)).await.unwrap();
-        let v = e.open_volume("v").unwrap();
+        let (e, v) = without_read_cache(&h, 8 << 20).await;
         let bs = 4096usize;
         // Blocks 0..4 hold `old`; then enough data to seal their segment,
         // and a flush, so that reading them means reading the disk.
@@ -572,7 +575,7 @@ where
     }
 }
 
-async fn late_writes(b: Backend, v: ballast_engine::Volume, old: impl Fn(u64) -> Vec<u8>) {
+async fn late_writes(b: Backend, v: Volume, old: impl Fn(u64) -> Vec<u8>) {
     let bs = 4096usize;
     // The simulated disk completes reads within their first poll.
     let sync_io = matches!(b, Backend::Sim);
@@ -630,11 +633,7 @@ async fn reads_racing_overwrites_see_old_or_new_content() {
     }
     for_each_backend(|b| async move {
         let h = Harness::new(b);
-        let mut cfg = h.config();
-        cfg.read_cache_bytes = 0;
-        let e = h.open_with(cfg).await;
-        e.create_volume("v", opts(1 << 20)).await.unwrap();
-        let v = e.open_volume("v").unwrap();
+        let (e, v) = without_read_cache(&h, 1 << 20).await;
         const BLOCKS: u64 = 8;
         for blk in 0..BLOCKS {
             v.write(blk * 4096, Bytes::from(content(blk, 0)), false)

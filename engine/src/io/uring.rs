@@ -877,6 +877,15 @@ mod tests {
 
     /// Run `f` on its own thread and fail if it takes longer than `secs`
     /// (a lost wake-up would otherwise hang the test run).
+    /// A multi-thread runtime like ballastd's on this machine.
+    fn two_workers() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     fn within(secs: u64, f: impl FnOnce() + Send + 'static) {
         let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
@@ -948,11 +957,7 @@ mod tests {
         within(60, move || {
             let dir = tempfile::tempdir().unwrap();
             let disk = io.open_disk(&dir.path().join("d"), Some(1 << 20)).unwrap();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = two_workers();
             let tasks: Vec<_> = (0..6)
                 .map(|slot| rt.spawn(churn(disk.clone(), slot, 300)))
                 .collect();
@@ -977,9 +982,6 @@ mod tests {
         });
     }
 
-    /// The runtime whose reaper task watches the ring shuts down with I/O in
-    /// flight: those complete anyway (their buffers stay owned until then),
-    /// and the engine keeps working, in another runtime and in none.
     /// Runtimes shut down over and over while their tasks and blocking
     /// threads submit: each shutdown drops the reaper task (polled or not)
     /// just as others submit. The blocking threads outlive the tasks (the
@@ -992,11 +994,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let disk = io.open_disk(&dir.path().join("d"), Some(4 << 20)).unwrap();
             for round in 0..150u64 {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = two_workers();
                 for slot in 0..2 {
                     rt.spawn(churn(disk.clone(), slot, 1_000_000));
                 }
@@ -1014,6 +1012,9 @@ mod tests {
         });
     }
 
+    /// The runtime whose reaper task watches the ring shuts down with I/O in
+    /// flight: those complete anyway (their buffers stay owned until then),
+    /// and the engine keeps working, in another runtime and in none.
     #[test]
     fn outlives_its_runtime() {
         let Some(io) = uring() else { return };
@@ -1021,11 +1022,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let disk = io.open_disk(&dir.path().join("d"), Some(4 << 20)).unwrap();
             for _ in 0..3 {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = two_workers();
                 rt.block_on(churn(disk.clone(), 0, 20));
                 for slot in 1..8 {
                     rt.spawn(churn(disk.clone(), slot, 1_000_000));
@@ -1035,11 +1032,7 @@ mod tests {
                 drop(rt);
                 futures::executor::block_on(churn(disk.clone(), 8, 50));
             }
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = two_workers();
             let tasks: Vec<_> = (0..4)
                 .map(|slot| rt.spawn(churn(disk.clone(), slot, 100)))
                 .collect();
