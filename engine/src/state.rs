@@ -280,7 +280,14 @@ impl Txn<'_> {
     /// Map a run of blocks at once. All new references are taken before any
     /// old one is dropped, so content that moves between blocks of the same
     /// batch never passes through a zero count.
-    pub fn set_blocks(&mut self, volume: u32, lba0: u64, keys: &[Option<BlockKey>]) -> Result<()> {
+    /// Returns how many of the blocks held other content before (mapped
+    /// blocks this replaced).
+    pub fn set_blocks(
+        &mut self,
+        volume: u32,
+        lba0: u64,
+        keys: &[Option<BlockKey>],
+    ) -> Result<usize> {
         let olds = self.old_mappings(volume, lba0, keys)?;
         let mut dropped = Vec::new();
         for (i, (new, old)) in keys.iter().zip(olds).enumerate() {
@@ -306,7 +313,7 @@ impl Txn<'_> {
             self.decref(k, &committed)?;
         }
         self.st.cur.touched.insert(volume);
-        Ok(())
+        Ok(dropped.len())
     }
 
     /// The committed records of those `keys` that neither overlay changed,

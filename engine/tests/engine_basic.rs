@@ -420,6 +420,38 @@ async fn overwritten_blocks_leave_the_read_cache() {
     e.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_overwrites_do_not_churn_the_read_cache() {
+    let h = Harness::new(Backend::Sim);
+    let mut cfg = h.config();
+    cfg.read_cache_bytes = 8 << 20;
+    let e = h.open_with(cfg).await;
+    e.create_volume("v", opts(8 << 20)).await.unwrap();
+    let v = e.open_volume("v").unwrap();
+    let mib = |seed: u64| -> Vec<u8> { (0..256).flat_map(|i| block(seed + i, 4096, 0)).collect() };
+    // A 1 MiB write into unmapped blocks, with room: cached (a bulk load).
+    v.write(0, Bytes::from(mib(0)), false).await.unwrap();
+    e.flush().await.unwrap();
+    let loaded = e.node_stats().read_cache_bytes;
+    assert!(loaded >= 256 * 4096, "a bulk load is cached: {loaded}");
+    // Rewriting it kills every cached block, which frees the room; the new
+    // blocks still stay out: a stream over old data is not cached.
+    let last = mib(1000);
+    v.write(0, Bytes::from(last.clone()), false).await.unwrap();
+    e.flush().await.unwrap();
+    let after = e.node_stats().read_cache_bytes;
+    assert!(
+        after < 4096,
+        "the rewrite's blocks were cached ({after} bytes) and its predecessors' not dropped"
+    );
+    assert_eq!(v.read(0, 1 << 20).await.unwrap().data, last);
+    // Small overwrites are cached as always (read after write from memory).
+    let small: Vec<u8> = (5000..5004).flat_map(|i| block(i, 4096, 0)).collect();
+    v.write(0, Bytes::from(small.clone()), false).await.unwrap();
+    assert!(e.node_stats().read_cache_bytes >= 4 * 4096);
+    e.shutdown().await.unwrap();
+}
+
 /// Disks added while writers open segments and node stats are read: the
 /// three take the disk list, the segment writer and the space lock. (A
 /// stats reader that took the space lock before the list, behind a pending
