@@ -181,38 +181,8 @@ fn structured_block_status_and_error_chunks() {
         let base = if extended { 32 * MIB } else { 0 };
         assert_eq!(h.write(1, base + MIB, &[5; 65536]), 0);
         h.send(0, proto::CMD_BLOCK_STATUS, 2, base, 4 * MIB, &[]);
-        let (c, d) = h.chunk().unwrap();
-        assert_eq!(c.cookie, 2);
-        assert_ne!(
-            c.flags & proto::REPLY_FLAG_DONE,
-            0,
-            "exactly one chunk for the one context"
-        );
-        let ext: Vec<(u64, u32)> = if extended {
-            assert_eq!(c.typ, proto::REPLY_TYPE_BLOCK_STATUS_EXT);
-            let n = u32::from_be_bytes(d[4..8].try_into().unwrap()) as usize;
-            assert_eq!(d.len(), 8 + 16 * n);
-            (0..n)
-                .map(|i| {
-                    let o = 8 + 16 * i;
-                    (
-                        u64::from_be_bytes(d[o..o + 8].try_into().unwrap()),
-                        u64::from_be_bytes(d[o + 8..o + 16].try_into().unwrap()) as u32,
-                    )
-                })
-                .collect()
-        } else {
-            assert_eq!(c.typ, proto::REPLY_TYPE_BLOCK_STATUS);
-            (0..(d.len() - 4) / 8)
-                .map(|i| {
-                    let o = 4 + 8 * i;
-                    (
-                        u32::from_be_bytes(d[o..o + 4].try_into().unwrap()) as u64,
-                        u32::from_be_bytes(d[o + 4..o + 8].try_into().unwrap()),
-                    )
-                })
-                .collect()
-        };
+        let (cookie, ext) = h.block_status_reply().unwrap();
+        assert_eq!(cookie, 2);
         assert_eq!(ext, vec![(MIB, 3), (65536, 0), (3 * MIB - 65536, 3)]);
 
         // An export failure on READ is a structured error chunk, and the
@@ -237,6 +207,48 @@ fn structured_block_status_and_error_chunks() {
         // Clean disconnect.
         h.send(0, proto::CMD_DISC, 6, 0, 0, &[]);
         assert!(h.closed_by_server());
+    }
+}
+
+#[test]
+fn block_status_answers_a_bounded_span_and_the_rest_when_asked_again() {
+    // 16 GiB, sparse: one request may name gigabytes, but the server asks
+    // the export about 64 Ki blocks (256 MiB at 4 KiB) at most.
+    let c = MemoryCatalog::new();
+    c.add("big", MemoryExport::new(16 << 30));
+    let srv = TestServer::start(Arc::new(c), NbdConfig::default());
+    for extended in [false, true] {
+        let mut h = RawClient::connect(srv.addr, "big", true, extended);
+        assert_eq!(h.write(1, 300 * MIB, &[9; 65536]), 0);
+        let len = if extended {
+            12 << 30
+        } else {
+            u32::MAX as u64 - 4095
+        };
+        // From an unaligned offset: the answer ends on a block boundary.
+        h.send(0, proto::CMD_BLOCK_STATUS, 2, 100, len, &[]);
+        assert_eq!(
+            h.block_status_reply().unwrap(),
+            (2, vec![(256 * MIB - 100, 3)])
+        );
+        // Asking again from there goes on where the answer stopped.
+        h.send(0, proto::CMD_BLOCK_STATUS, 3, 256 * MIB, len, &[]);
+        assert_eq!(
+            h.block_status_reply().unwrap(),
+            (3, vec![(44 * MIB, 3), (65536, 0), (212 * MIB - 65536, 3)])
+        );
+        // REQ_ONE: one extent, still no longer than asked.
+        h.send(
+            proto::CMD_FLAG_REQ_ONE,
+            proto::CMD_BLOCK_STATUS,
+            4,
+            300 * MIB,
+            4096,
+            &[],
+        );
+        assert_eq!(h.block_status_reply().unwrap(), (4, vec![(4096, 0)]));
+        // Past the spans looked at above.
+        check_io(&mut h, 10, 8 << 30);
     }
 }
 
