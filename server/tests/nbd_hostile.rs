@@ -5,7 +5,7 @@
 #[path = "nbd_support.rs"]
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,6 +279,65 @@ fn hundreds_of_idle_connections_do_not_disturb_a_busy_one() {
     let mut sample = RawClient::connect(srv.addr, "disk", false, false);
     check_io(&mut sample, 5, 0);
     drop(idle);
+}
+
+/// Whether a new connection gets the NBD greeting (`false`: the server
+/// closed it first). Panics if it gets neither within 10 s: a client must
+/// never be left hanging.
+fn greeted(addr: std::net::SocketAddr) -> bool {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut magic = [0u8; 8];
+    match s.read_exact(&mut magic) {
+        Ok(()) => {
+            assert_eq!(u64::from_be_bytes(magic), proto::NBDMAGIC);
+            true
+        }
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            panic!("the server neither greeted nor closed a new connection")
+        }
+        // EOF or reset.
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn connections_past_the_limit_are_closed_at_once_and_open_ones_go_on() {
+    let c = MemoryCatalog::new();
+    c.add("disk", MemoryExport::new(64 * MIB));
+    let cfg = NbdConfig {
+        max_connections: 3,
+        ..NbdConfig::default()
+    };
+    let srv = TestServer::start(Arc::new(c), cfg);
+    let mut a = RawClient::connect(srv.addr, "disk", true, false);
+    let mut b = RawClient::connect(srv.addr, "disk", false, false);
+    // A connection still in the handshake holds a slot too.
+    let mut pending = TcpStream::connect(srv.addr).unwrap();
+    let mut greeting = [0u8; 18];
+    pending.read_exact(&mut greeting).unwrap();
+    for _ in 0..20 {
+        assert!(!greeted(srv.addr), "a connection past the limit was served");
+    }
+    check_io(&mut a, 1, 0);
+    check_io(&mut b, 3, MIB);
+    // A slot frees once a connection ends (the server notices the close
+    // asynchronously, hence the retries).
+    drop(pending);
+    let t0 = Instant::now();
+    while !greeted(srv.addr) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the slot of a closed connection was never reused"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut d = RawClient::connect(srv.addr, "disk", true, true);
+    check_io(&mut d, 5, 2 * MIB);
+    check_io(&mut a, 7, 3 * MIB);
 }
 
 #[test]
