@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use ballast_server::nbd::memory_export::{MemoryCatalog, MemoryExport};
 use ballast_server::nbd::proto;
-use ballast_server::nbd::NbdConfig;
+use ballast_server::nbd::{NbdConfig, NbdServer};
 use support::*;
+use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 
@@ -368,4 +369,87 @@ fn slow_reader_gets_back_pressure_not_unbounded_buffering() {
     }
     assert_eq!(disk.read_count(), n);
     check_io(&mut h, 7, MIB);
+}
+
+#[test]
+fn shutdown_ends_a_connection_whose_client_reads_no_replies_within_the_grace() {
+    // A runtime of our own, to see which of the server's tasks are alive.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = MemoryCatalog::new();
+    let disk = c.add("disk", MemoryExport::new(64 * MIB));
+    let grace = Duration::from_millis(300);
+    let cfg = NbdConfig {
+        shutdown_grace: Some(grace),
+        ..NbdConfig::default()
+    };
+    let srv = rt
+        .block_on(NbdServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(c),
+            cfg,
+        ))
+        .unwrap();
+    let addr = srv.local_addr();
+    let token = CancellationToken::new();
+    let server = rt.spawn(srv.run(token.clone()));
+
+    // 1 MiB reads, pipelined, replies never read: once the socket buffers
+    // are full, the server's reply writer blocks in its socket write.
+    let mut h = RawClient::connect(addr, "disk", true, false);
+    // Data, not holes: a hole's reply is a few bytes.
+    assert_eq!(h.write(1, 0, &vec![7; MIB as usize]), 0);
+    let mut batch = Vec::new();
+    for i in 0..1000u64 {
+        batch.extend_from_slice(&h.request_bytes(0, proto::CMD_READ, i, 0, MIB));
+    }
+    h.s.write_all(&batch).unwrap();
+    let t0 = Instant::now();
+    let mut last = u64::MAX;
+    // Until the reads stop starting: the server is stuck on the writer.
+    while disk.read_count() != last {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        last = disk.read_count();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        last < 1000,
+        "every read was answered to a client that reads nothing"
+    );
+
+    let t0 = Instant::now();
+    token.cancel();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), server).await })
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
+    // Every task of the connection, its blocked writer included, ends.
+    while rt.metrics().num_alive_tasks() > 0 {
+        assert!(
+            t0.elapsed() < grace + Duration::from_secs(5),
+            "{} server tasks outlived the shutdown grace",
+            rt.metrics().num_alive_tasks()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // And the client sees its connection end, after the replies that were
+    // already in the socket buffers.
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match h.s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("the connection is still open after the server stopped")
+            }
+            // Reset: the server closed with requests it never read.
+            Err(_) => break,
+        }
+    }
 }

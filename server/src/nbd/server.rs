@@ -123,7 +123,9 @@ impl NbdServer {
     }
 
     /// Serves until `shutdown` is cancelled, then: stops accepting, lets every
-    /// connection finish its in-flight requests and send their replies, calls
+    /// connection finish its in-flight requests and send their replies (for
+    /// at most `shutdown_grace`, after which every connection is cut, its
+    /// socket closed even if its replies could not be written), calls
     /// `flush` on every export that was open, and returns.
     pub async fn run(self, shutdown: CancellationToken) -> io::Result<()> {
         let NbdServer {

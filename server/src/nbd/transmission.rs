@@ -144,7 +144,9 @@ struct Reader<'a, R> {
 
 /// Runs the transmission phase until the client disconnects, a protocol
 /// violation, or `stop` (server shutdown) fires. In-flight requests are
-/// always finished and their replies written (while the socket allows).
+/// always finished and their replies written (while the socket allows),
+/// unless the returned future is dropped (the server cuts connections when
+/// its shutdown grace runs out): the reply writer then ends with it.
 pub(crate) async fn serve<R, W>(
     rd: R,
     wr: W,
@@ -165,7 +167,12 @@ where
         .min(u32::MAX as usize >> 1);
     // Cancelled by the writer if the socket fails, or by server shutdown.
     let conn_stop = stop.child_token();
-    let writer = tokio::spawn(write_replies(wr, rx, neg.mode, conn_stop.clone()));
+    let mut writer = WriterTask(tokio::spawn(write_replies(
+        wr,
+        rx,
+        neg.mode,
+        conn_stop.clone(),
+    )));
 
     let mut r = Reader {
         rd,
@@ -195,12 +202,30 @@ where
         End::Violation(m) => tracing::warn!(peer = %peer, "protocol violation, closing: {m}"),
         End::Io(e) => tracing::debug!(peer = %peer, error = %e, "connection read failed"),
     }
-    match writer.await {
+    match (&mut writer.0).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "writing replies failed"),
         Err(e) => tracing::warn!(peer = %peer, error = %e, "reply writer task failed"),
     }
     Closed { dirty }
+}
+
+/// The connection's reply writer, aborted when this is dropped.
+///
+/// `serve` waits for the writer to send every in-flight reply, which never
+/// happens while the client does not read its socket: the writer stays
+/// blocked in a socket write. The server then cuts the connection's task
+/// once the shutdown grace runs out, dropping `serve`; the writer, a task of
+/// its own, must end with it, or it would live on detached, holding the
+/// socket open and its queued replies in memory, after the server has
+/// stopped.
+struct WriterTask(tokio::task::JoinHandle<io::Result<()>>);
+
+impl Drop for WriterTask {
+    fn drop(&mut self) {
+        // A no-op once the writer has finished.
+        self.0.abort();
+    }
 }
 
 impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
