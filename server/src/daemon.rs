@@ -2,6 +2,7 @@
 
 use crate::engine_control::EngineControl;
 use crate::engine_export::EngineCatalog;
+use crate::nbd::server::DEFAULT_MAX_CONNECTIONS;
 use anyhow::{bail, Context};
 use ballast_engine::io::BackendChoice;
 use ballast_engine::{DiskSpec, Engine, EngineConfig};
@@ -38,6 +39,15 @@ pub struct Args {
     /// Address for NBD clients.
     #[arg(long, default_value = "127.0.0.1:10809", value_name = "ADDR")]
     pub listen_nbd: SocketAddr,
+    /// Most NBD connections served at once, counting those still in the handshake.
+    ///
+    /// Past it, a new connection is accepted and closed straight away (its client fails at
+    /// once, seeing the server hang up before the NBD greeting), a warning is logged at most
+    /// every 10 s, and open connections go on unaffected. Each connection costs a file
+    /// descriptor and up to 64 MiB of in-flight request data, so this bounds what clients can
+    /// make ballastd hold; keep the open-file limit (ulimit -n) above it.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N", value_parser = parse_max_connections)]
+    pub max_nbd_connections: usize,
     /// Address of the gRPC control plane (what `ballast --api` talks to).
     #[arg(long, default_value = "127.0.0.1:7800", value_name = "ADDR")]
     pub listen_api: SocketAddr,
@@ -73,6 +83,14 @@ pub enum LogFormat {
 pub enum ReadCacheArg {
     Auto,
     Bytes(u64),
+}
+
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e} (a whole number of connections)")),
+    }
 }
 
 fn parse_cache_arg(s: &str) -> Result<ReadCacheArg, String> {
@@ -196,7 +214,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let nbd = crate::nbd::NbdServer::bind(
         args.listen_nbd,
         Arc::new(EngineCatalog::new(engine.clone())),
-        crate::nbd::NbdConfig::default(),
+        crate::nbd::NbdConfig {
+            max_connections: args.max_nbd_connections,
+            ..crate::nbd::NbdConfig::default()
+        },
     )
     .await
     .with_context(|| format!("listening for NBD on {}", args.listen_nbd))?;
@@ -271,6 +292,21 @@ mod tests {
         assert_eq!(parse_cache_arg("0"), Ok(ReadCacheArg::Bytes(0)));
         assert_eq!(parse_cache_arg("2G"), Ok(ReadCacheArg::Bytes(2 << 30)));
         assert!(parse_cache_arg("lots").unwrap_err().contains("auto"));
+    }
+
+    #[test]
+    fn max_connections_argument() {
+        assert_eq!(parse_max_connections("1"), Ok(1));
+        assert_eq!(parse_max_connections("4096"), Ok(4096));
+        assert!(parse_max_connections("0")
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!(parse_max_connections("many").is_err());
+        let args = Args::try_parse_from(["ballastd"]).unwrap();
+        assert_eq!(args.max_nbd_connections, DEFAULT_MAX_CONNECTIONS);
+        let args = Args::try_parse_from(["ballastd", "--max-nbd-connections", "64"]).unwrap();
+        assert_eq!(args.max_nbd_connections, 64);
+        assert!(Args::try_parse_from(["ballastd", "--max-nbd-connections", "0"]).is_err());
     }
 
     #[test]

@@ -5,15 +5,16 @@
 #[path = "nbd_support.rs"]
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_server::nbd::memory_export::{MemoryCatalog, MemoryExport};
 use ballast_server::nbd::proto;
-use ballast_server::nbd::NbdConfig;
+use ballast_server::nbd::{NbdConfig, NbdServer};
 use support::*;
+use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 
@@ -181,38 +182,8 @@ fn structured_block_status_and_error_chunks() {
         let base = if extended { 32 * MIB } else { 0 };
         assert_eq!(h.write(1, base + MIB, &[5; 65536]), 0);
         h.send(0, proto::CMD_BLOCK_STATUS, 2, base, 4 * MIB, &[]);
-        let (c, d) = h.chunk().unwrap();
-        assert_eq!(c.cookie, 2);
-        assert_ne!(
-            c.flags & proto::REPLY_FLAG_DONE,
-            0,
-            "exactly one chunk for the one context"
-        );
-        let ext: Vec<(u64, u32)> = if extended {
-            assert_eq!(c.typ, proto::REPLY_TYPE_BLOCK_STATUS_EXT);
-            let n = u32::from_be_bytes(d[4..8].try_into().unwrap()) as usize;
-            assert_eq!(d.len(), 8 + 16 * n);
-            (0..n)
-                .map(|i| {
-                    let o = 8 + 16 * i;
-                    (
-                        u64::from_be_bytes(d[o..o + 8].try_into().unwrap()),
-                        u64::from_be_bytes(d[o + 8..o + 16].try_into().unwrap()) as u32,
-                    )
-                })
-                .collect()
-        } else {
-            assert_eq!(c.typ, proto::REPLY_TYPE_BLOCK_STATUS);
-            (0..(d.len() - 4) / 8)
-                .map(|i| {
-                    let o = 4 + 8 * i;
-                    (
-                        u32::from_be_bytes(d[o..o + 4].try_into().unwrap()) as u64,
-                        u32::from_be_bytes(d[o + 4..o + 8].try_into().unwrap()),
-                    )
-                })
-                .collect()
-        };
+        let (cookie, ext) = h.block_status_reply().unwrap();
+        assert_eq!(cookie, 2);
         assert_eq!(ext, vec![(MIB, 3), (65536, 0), (3 * MIB - 65536, 3)]);
 
         // An export failure on READ is a structured error chunk, and the
@@ -237,6 +208,48 @@ fn structured_block_status_and_error_chunks() {
         // Clean disconnect.
         h.send(0, proto::CMD_DISC, 6, 0, 0, &[]);
         assert!(h.closed_by_server());
+    }
+}
+
+#[test]
+fn block_status_answers_a_bounded_span_and_the_rest_when_asked_again() {
+    // 16 GiB, sparse: one request may name gigabytes, but the server asks
+    // the export about 64 Ki blocks (256 MiB at 4 KiB) at most.
+    let c = MemoryCatalog::new();
+    c.add("big", MemoryExport::new(16 << 30));
+    let srv = TestServer::start(Arc::new(c), NbdConfig::default());
+    for extended in [false, true] {
+        let mut h = RawClient::connect(srv.addr, "big", true, extended);
+        assert_eq!(h.write(1, 300 * MIB, &[9; 65536]), 0);
+        let len = if extended {
+            12 << 30
+        } else {
+            u32::MAX as u64 - 4095
+        };
+        // From an unaligned offset: the answer ends on a block boundary.
+        h.send(0, proto::CMD_BLOCK_STATUS, 2, 100, len, &[]);
+        assert_eq!(
+            h.block_status_reply().unwrap(),
+            (2, vec![(256 * MIB - 100, 3)])
+        );
+        // Asking again from there goes on where the answer stopped.
+        h.send(0, proto::CMD_BLOCK_STATUS, 3, 256 * MIB, len, &[]);
+        assert_eq!(
+            h.block_status_reply().unwrap(),
+            (3, vec![(44 * MIB, 3), (65536, 0), (212 * MIB - 65536, 3)])
+        );
+        // REQ_ONE: one extent, still no longer than asked.
+        h.send(
+            proto::CMD_FLAG_REQ_ONE,
+            proto::CMD_BLOCK_STATUS,
+            4,
+            300 * MIB,
+            4096,
+            &[],
+        );
+        assert_eq!(h.block_status_reply().unwrap(), (4, vec![(4096, 0)]));
+        // Past the spans looked at above.
+        check_io(&mut h, 10, 8 << 30);
     }
 }
 
@@ -269,6 +282,65 @@ fn hundreds_of_idle_connections_do_not_disturb_a_busy_one() {
     drop(idle);
 }
 
+/// Whether a new connection gets the NBD greeting (`false`: the server
+/// closed it first). Panics if it gets neither within 10 s: a client must
+/// never be left hanging.
+fn greeted(addr: std::net::SocketAddr) -> bool {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut magic = [0u8; 8];
+    match s.read_exact(&mut magic) {
+        Ok(()) => {
+            assert_eq!(u64::from_be_bytes(magic), proto::NBDMAGIC);
+            true
+        }
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            panic!("the server neither greeted nor closed a new connection")
+        }
+        // EOF or reset.
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn connections_past_the_limit_are_closed_at_once_and_open_ones_go_on() {
+    let c = MemoryCatalog::new();
+    c.add("disk", MemoryExport::new(64 * MIB));
+    let cfg = NbdConfig {
+        max_connections: 3,
+        ..NbdConfig::default()
+    };
+    let srv = TestServer::start(Arc::new(c), cfg);
+    let mut a = RawClient::connect(srv.addr, "disk", true, false);
+    let mut b = RawClient::connect(srv.addr, "disk", false, false);
+    // A connection still in the handshake holds a slot too.
+    let mut pending = TcpStream::connect(srv.addr).unwrap();
+    let mut greeting = [0u8; 18];
+    pending.read_exact(&mut greeting).unwrap();
+    for _ in 0..20 {
+        assert!(!greeted(srv.addr), "a connection past the limit was served");
+    }
+    check_io(&mut a, 1, 0);
+    check_io(&mut b, 3, MIB);
+    // A slot frees once a connection ends (the server notices the close
+    // asynchronously, hence the retries).
+    drop(pending);
+    let t0 = Instant::now();
+    while !greeted(srv.addr) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the slot of a closed connection was never reused"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut d = RawClient::connect(srv.addr, "disk", true, true);
+    check_io(&mut d, 5, 2 * MIB);
+    check_io(&mut a, 7, 3 * MIB);
+}
+
 #[test]
 fn slow_reader_gets_back_pressure_not_unbounded_buffering() {
     let (srv, disk) = server();
@@ -297,4 +369,87 @@ fn slow_reader_gets_back_pressure_not_unbounded_buffering() {
     }
     assert_eq!(disk.read_count(), n);
     check_io(&mut h, 7, MIB);
+}
+
+#[test]
+fn shutdown_ends_a_connection_whose_client_reads_no_replies_within_the_grace() {
+    // A runtime of our own, to see which of the server's tasks are alive.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = MemoryCatalog::new();
+    let disk = c.add("disk", MemoryExport::new(64 * MIB));
+    let grace = Duration::from_millis(300);
+    let cfg = NbdConfig {
+        shutdown_grace: Some(grace),
+        ..NbdConfig::default()
+    };
+    let srv = rt
+        .block_on(NbdServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(c),
+            cfg,
+        ))
+        .unwrap();
+    let addr = srv.local_addr();
+    let token = CancellationToken::new();
+    let server = rt.spawn(srv.run(token.clone()));
+
+    // 1 MiB reads, pipelined, replies never read: once the socket buffers
+    // are full, the server's reply writer blocks in its socket write.
+    let mut h = RawClient::connect(addr, "disk", true, false);
+    // Data, not holes: a hole's reply is a few bytes.
+    assert_eq!(h.write(1, 0, &vec![7; MIB as usize]), 0);
+    let mut batch = Vec::new();
+    for i in 0..1000u64 {
+        batch.extend_from_slice(&h.request_bytes(0, proto::CMD_READ, i, 0, MIB));
+    }
+    h.s.write_all(&batch).unwrap();
+    let t0 = Instant::now();
+    let mut last = u64::MAX;
+    // Until the reads stop starting: the server is stuck on the writer.
+    while disk.read_count() != last {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        last = disk.read_count();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        last < 1000,
+        "every read was answered to a client that reads nothing"
+    );
+
+    let t0 = Instant::now();
+    token.cancel();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), server).await })
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
+    // Every task of the connection, its blocked writer included, ends.
+    while rt.metrics().num_alive_tasks() > 0 {
+        assert!(
+            t0.elapsed() < grace + Duration::from_secs(5),
+            "{} server tasks outlived the shutdown grace",
+            rt.metrics().num_alive_tasks()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // And the client sees its connection end, after the replies that were
+    // already in the socket buffers.
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match h.s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("the connection is still open after the server stopped")
+            }
+            // Reset: the server closed with requests it never read.
+            Err(_) => break,
+        }
+    }
 }

@@ -344,6 +344,43 @@ impl RawClient {
         Ok((c, d))
     }
 
+    /// Reads a successful BLOCK_STATUS reply (one chunk, for the one
+    /// context): (cookie, [(length, flags)]).
+    pub fn block_status_reply(&mut self) -> std::io::Result<(u64, Vec<(u64, u32)>)> {
+        let (c, d) = self.chunk()?;
+        assert_ne!(
+            c.flags & proto::REPLY_FLAG_DONE,
+            0,
+            "exactly one chunk for the one context"
+        );
+        let ext = if self.extended {
+            assert_eq!(c.typ, proto::REPLY_TYPE_BLOCK_STATUS_EXT);
+            let n = u32::from_be_bytes(d[4..8].try_into().unwrap()) as usize;
+            assert_eq!(d.len(), 8 + 16 * n);
+            (0..n)
+                .map(|i| {
+                    let o = 8 + 16 * i;
+                    (
+                        u64::from_be_bytes(d[o..o + 8].try_into().unwrap()),
+                        u64::from_be_bytes(d[o + 8..o + 16].try_into().unwrap()) as u32,
+                    )
+                })
+                .collect()
+        } else {
+            assert_eq!(c.typ, proto::REPLY_TYPE_BLOCK_STATUS);
+            (0..(d.len() - 4) / 8)
+                .map(|i| {
+                    let o = 4 + 8 * i;
+                    (
+                        u32::from_be_bytes(d[o..o + 4].try_into().unwrap()) as u64,
+                        u32::from_be_bytes(d[o + 4..o + 8].try_into().unwrap()),
+                    )
+                })
+                .collect()
+        };
+        Ok((c.cookie, ext))
+    }
+
     /// Reads the reply to a non-read command in whatever form the mode uses:
     /// (error, cookie).
     pub fn status_reply(&mut self) -> std::io::Result<(u32, u64)> {

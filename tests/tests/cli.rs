@@ -349,6 +349,7 @@ fn help_and_version() {
         "--disk",
         "--io-backend",
         "--log-format",
+        "--max-nbd-connections",
     ] {
         assert!(h.contains(flag), "ballastd --help lacks {flag}");
     }

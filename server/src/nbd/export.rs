@@ -207,8 +207,10 @@ pub trait Export: Send + Sync + 'static {
     fn flush(&self) -> ExportFuture<()>;
 
     /// Allocation status of a range, in order, starting at `offset`. May cover
-    /// less than `len` (the server asks again) but should cover at least one
-    /// byte.
+    /// less than `len` (the reply then does, and the client asks again) but
+    /// should cover at least one byte. The server asks about at most 64 Ki
+    /// blocks of [`Export::block_size`] per call; an export whose lookup
+    /// can block (on a lock or the disk) should do it off the async worker.
     fn block_status(&self, offset: u64, len: u64) -> ExportFuture<Vec<Extent>>;
 
     /// Prefetch hint.

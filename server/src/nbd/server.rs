@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -17,9 +18,23 @@ use super::handshake::{self, HandshakeError, Outcome};
 use super::proto;
 use super::transmission;
 
+/// Default of [`NbdConfig::max_connections`] (and ballastd's
+/// `--max-nbd-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// At most one "connection limit reached" warning per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Tunables of the NBD server. `NbdConfig::default()` is what ballastd uses.
 #[derive(Debug, Clone)]
 pub struct NbdConfig {
+    /// Connections served at once, those still in the handshake included
+    /// (at least 1). Each one is bounded in memory, but not their number:
+    /// past this, a new connection is accepted and closed at once, before
+    /// the greeting, so its client fails fast (a connection left in the
+    /// listen backlog would hang in the handshake instead). Open connections
+    /// are unaffected.
+    pub max_connections: usize,
     /// Requests one connection may have in flight (decoded, not yet replied
     /// to). Reading from the socket pauses at this limit.
     pub max_in_flight: usize,
@@ -52,6 +67,7 @@ pub struct NbdConfig {
 impl Default for NbdConfig {
     fn default() -> NbdConfig {
         NbdConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_in_flight: 128,
             max_in_flight_bytes: 64 << 20,
             max_payload: proto::MAX_PAYLOAD,
@@ -107,7 +123,9 @@ impl NbdServer {
     }
 
     /// Serves until `shutdown` is cancelled, then: stops accepting, lets every
-    /// connection finish its in-flight requests and send their replies, calls
+    /// connection finish its in-flight requests and send their replies (for
+    /// at most `shutdown_grace`, after which every connection is cut, its
+    /// socket closed even if its replies could not be written), calls
     /// `flush` on every export that was open, and returns.
     pub async fn run(self, shutdown: CancellationToken) -> io::Result<()> {
         let NbdServer {
@@ -120,6 +138,11 @@ impl NbdServer {
         let open: OpenExports = Arc::new(Mutex::new(HashMap::new()));
         let mut conns = JoinSet::new();
         let mut next_id = 0u64;
+        // One permit per connection, held by its task: released however the
+        // task ends (done, cut at shutdown, or panicked).
+        let limit = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let slots = Arc::new(Semaphore::new(limit));
+        let mut refusals = RefusalLog::default();
         loop {
             tokio::select! {
                 biased;
@@ -127,8 +150,22 @@ impl NbdServer {
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            // Closing before the greeting: the client's
+                            // handshake fails at once.
+                            drop(stream);
+                            if let Some(refused) = refusals.refused(Instant::now()) {
+                                tracing::warn!(
+                                    peer = %peer,
+                                    limit,
+                                    refused,
+                                    "NBD connection limit reached: closing new connections"
+                                );
+                            }
+                            continue;
+                        };
                         next_id += 1;
-                        conns.spawn(connection(
+                        let conn = connection(
                             stream,
                             peer,
                             catalog.clone(),
@@ -136,7 +173,11 @@ impl NbdServer {
                             shutdown.clone(),
                             open.clone(),
                             next_id,
-                        ));
+                        );
+                        conns.spawn(async move {
+                            let _slot = slot;
+                            conn.await
+                        });
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -180,6 +221,30 @@ impl NbdServer {
         }
         tracing::info!("NBD server stopped");
         Ok(())
+    }
+}
+
+/// Counts connections refused at the limit and says when to log: at most
+/// once per [`REFUSAL_LOG_INTERVAL`], so clients retrying in a loop cannot
+/// flood the log, with how many were refused since the last warning.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Records one refusal; `Some(n)` when a warning is due, `n` being the
+    /// refusals it reports (this one included).
+    fn refused(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < REFUSAL_LOG_INTERVAL => None,
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
     }
 }
 
@@ -244,4 +309,22 @@ async fn connection(
     }
     open.lock().expect("lock").remove(&id);
     tracing::debug!(peer = %peer, "NBD connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_most_once_per_interval_with_their_count() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.refused(t0), Some(1), "the first refusal is logged");
+        assert_eq!(log.refused(t0 + Duration::from_secs(1)), None);
+        assert_eq!(log.refused(t0 + Duration::from_secs(9)), None);
+        // The next warning reports the ones kept quiet too.
+        assert_eq!(log.refused(t0 + REFUSAL_LOG_INTERVAL), Some(3));
+        assert_eq!(log.refused(t0 + REFUSAL_LOG_INTERVAL), None);
+        assert_eq!(log.refused(t0 + 5 * REFUSAL_LOG_INTERVAL), Some(2));
+    }
 }

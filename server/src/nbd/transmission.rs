@@ -46,6 +46,12 @@ const MAX_DESCRIPTORS: usize = 1 << 16;
 /// Longest extent length in a compact block status descriptor (a 512
 /// multiple that fits in u32).
 const MAX_COMPACT_EXTENT: u64 = 0xffff_fe00;
+/// Most export blocks one BLOCK_STATUS request asks the export about (see
+/// `block_status_span`).
+const BLOCK_STATUS_MAX_BLOCKS: u64 = 1 << 16;
+// A block changes status at most once, so an answer for the clamped span
+// always fits in one reply and is never cut short a second time.
+const _: () = assert!(BLOCK_STATUS_MAX_BLOCKS <= MAX_DESCRIPTORS as u64);
 
 /// Permits held by a request until its reply has been written.
 struct Permits {
@@ -138,7 +144,9 @@ struct Reader<'a, R> {
 
 /// Runs the transmission phase until the client disconnects, a protocol
 /// violation, or `stop` (server shutdown) fires. In-flight requests are
-/// always finished and their replies written (while the socket allows).
+/// always finished and their replies written (while the socket allows),
+/// unless the returned future is dropped (the server cuts connections when
+/// its shutdown grace runs out): the reply writer then ends with it.
 pub(crate) async fn serve<R, W>(
     rd: R,
     wr: W,
@@ -159,7 +167,12 @@ where
         .min(u32::MAX as usize >> 1);
     // Cancelled by the writer if the socket fails, or by server shutdown.
     let conn_stop = stop.child_token();
-    let writer = tokio::spawn(write_replies(wr, rx, neg.mode, conn_stop.clone()));
+    let mut writer = WriterTask(tokio::spawn(write_replies(
+        wr,
+        rx,
+        neg.mode,
+        conn_stop.clone(),
+    )));
 
     let mut r = Reader {
         rd,
@@ -189,12 +202,30 @@ where
         End::Violation(m) => tracing::warn!(peer = %peer, "protocol violation, closing: {m}"),
         End::Io(e) => tracing::debug!(peer = %peer, error = %e, "connection read failed"),
     }
-    match writer.await {
+    match (&mut writer.0).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "writing replies failed"),
         Err(e) => tracing::warn!(peer = %peer, error = %e, "reply writer task failed"),
     }
     Closed { dirty }
+}
+
+/// The connection's reply writer, aborted when this is dropped.
+///
+/// `serve` waits for the writer to send every in-flight reply, which never
+/// happens while the client does not read its socket: the writer stays
+/// blocked in a socket write. The server then cuts the connection's task
+/// once the shutdown grace runs out, dropping `serve`; the writer, a task of
+/// its own, must end with it, or it would live on detached, holding the
+/// socket open and its queued replies in memory, after the server has
+/// stopped.
+struct WriterTask(tokio::task::JoinHandle<io::Result<()>>);
+
+impl Drop for WriterTask {
+    fn drop(&mut self) {
+        // A no-op once the writer has finished.
+        self.0.abort();
+    }
 }
 
 impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
@@ -609,12 +640,15 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                         .await;
                 }
                 let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+                // Only a bounded span is looked up; the reply then covers
+                // less than asked and the client asks again from its end.
+                let len = block_status_span(req.offset, req.length, self.export.block_size());
                 // The reply is held until written, like read data: count it
                 // (16 bytes a descriptor at most, at most one per 512 bytes).
                 let descriptors = if req_one {
                     1
                 } else {
-                    (req.length / 512 + 2).min(MAX_DESCRIPTORS as u64)
+                    (len / 512 + 2).min(MAX_DESCRIPTORS as u64)
                 };
                 let permits = self.permits(16 * descriptors).await?;
                 let max_ext = if self.mode == HeaderMode::Extended {
@@ -622,7 +656,6 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 } else {
                     MAX_COMPACT_EXTENT
                 };
-                let len = req.length;
                 let fut = self.export.block_status(req.offset, len);
                 self.start(&req, permits, fut, move |r| match r {
                     Ok(ext) => Body::BlockStatus {
@@ -743,6 +776,26 @@ fn read_body(data: Payload, extents: Vec<Extent>, len: u32, df: bool) -> Body {
         );
     }
     Body::Read { data, extents, df }
+}
+
+/// How much of `offset..offset + len` one BLOCK_STATUS asks the export
+/// about: at most [`BLOCK_STATUS_MAX_BLOCKS`] blocks of `block_size`, ending
+/// on a block boundary (or at the end of the request).
+///
+/// An export's cost is per block (the engine reads one block-map entry per
+/// block and only stops at 1 Mi blocks, 4 GiB at 4 KiB, a long stall),
+/// while a client may ask about the whole export at once. The spec lets a
+/// reply cover less than was asked as long as it has at least one extent
+/// starting at the offset; libnbd (nbdinfo --map, nbdcopy) and qemu-img map
+/// then ask again from where the reply ended, and ending on a block boundary
+/// keeps that next request aligned. 64 Ki blocks is 256 MiB at 4 KiB blocks,
+/// four times the 64 MiB libnbd asks for, so common clients rarely see a
+/// short answer, and at most 64 Ki descriptors (1 MiB) per reply.
+fn block_status_span(offset: u64, len: u64, block_size: u32) -> u64 {
+    let bs = u64::from(block_size.max(512));
+    // Past `offset`: the span starts in the block holding it.
+    let limit = (offset - offset % bs).saturating_add(BLOCK_STATUS_MAX_BLOCKS * bs);
+    len.min(limit - offset)
 }
 
 /// Turns an export's answer into what a BLOCK_STATUS reply may carry: no
@@ -1081,6 +1134,29 @@ mod tests {
             normalise_extents(&[h(8 << 30), d(1)], 8 << 30, false, MAX_COMPACT_EXTENT),
             vec![(MAX_COMPACT_EXTENT, 3)]
         );
+    }
+
+    #[test]
+    fn block_status_spans_are_bounded_and_end_on_block_boundaries() {
+        const K: u64 = 1024;
+        let most = BLOCK_STATUS_MAX_BLOCKS;
+        // Short requests are asked in full.
+        assert_eq!(block_status_span(0, 64 << 20, 4096), 64 << 20);
+        assert_eq!(block_status_span(12345, 1, 4096), 1);
+        // Long ones stop after 64 Ki blocks of the export's size.
+        assert_eq!(block_status_span(0, 4 << 30, 4096), most * 4 * K);
+        assert_eq!(block_status_span(0, u64::MAX, 512), most * 512);
+        assert_eq!(block_status_span(0, 8 << 30, 65536), most * 64 * K);
+        // From an unaligned offset the span ends on a block boundary, so
+        // the client's next request is aligned.
+        let off = 10 * 4096 + 100;
+        let span = block_status_span(off, 1 << 40, 4096);
+        assert_eq!((off + span) % 4096, 0);
+        assert_eq!(span, most * 4096 - 100);
+        // Never empty, even at the top of the address space.
+        assert_eq!(block_status_span(u64::MAX - 10, 5, 4096), 5);
+        // A block size the server cannot use is taken as 512.
+        assert_eq!(block_status_span(0, 1 << 40, 0), most * 512);
     }
 
     #[test]
