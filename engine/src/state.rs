@@ -280,8 +280,8 @@ impl Txn<'_> {
     /// Map a run of blocks at once. All new references are taken before any
     /// old one is dropped, so content that moves between blocks of the same
     /// batch never passes through a zero count.
-    /// Returns how many of the blocks held other content before (mapped
-    /// blocks this replaced).
+    /// Returns how many of the blocks were mapped before (to the same
+    /// content or another).
     pub fn set_blocks(
         &mut self,
         volume: u32,
@@ -289,6 +289,7 @@ impl Txn<'_> {
         keys: &[Option<BlockKey>],
     ) -> Result<usize> {
         let olds = self.old_mappings(volume, lba0, keys)?;
+        let were_mapped = olds.iter().filter(|o| o.is_some()).count();
         let mut dropped = Vec::new();
         for (i, (new, old)) in keys.iter().zip(olds).enumerate() {
             let lba = lba0 + i as u64;
@@ -313,7 +314,7 @@ impl Txn<'_> {
             self.decref(k, &committed)?;
         }
         self.st.cur.touched.insert(volume);
-        Ok(dropped.len())
+        Ok(were_mapped)
     }
 
     /// The committed records of those `keys` that neither overlay changed,

@@ -466,21 +466,22 @@ impl Volume {
                 tx.remove_unreferenced(&inserted);
                 continue;
             }
-            let replaced = match &skip {
+            let were_mapped = match &skip {
                 None => tx.set_blocks(self.v.id, lba0, &keys)?,
                 Some(skip) => {
                     // Each run of blocks still this write's.
-                    let (mut i, mut replaced) = (0, 0);
+                    let (mut i, mut were_mapped) = (0, 0);
                     while i < n {
                         if skip[i] {
                             i += 1;
                             continue;
                         }
                         let run = skip[i..].iter().take_while(|s| !**s).count();
-                        replaced += tx.set_blocks(self.v.id, lba0 + i as u64, &keys[i..i + run])?;
+                        were_mapped +=
+                            tx.set_blocks(self.v.id, lba0 + i as u64, &keys[i..i + run])?;
                         i += run;
                     }
-                    replaced
+                    were_mapped
                 }
             };
             if late.is_none() {
@@ -489,7 +490,7 @@ impl Volume {
             drop(st);
             drop(holds);
             if data.len() > CACHE_WRITES_UP_TO
-                && (replaced > 0 || !self.inner.read_cache.has_room(data.len() as u64))
+                && (were_mapped > 0 || !self.inner.read_cache.has_room(data.len() as u64))
             {
                 return Ok(());
             }
@@ -497,13 +498,16 @@ impl Volume {
             // one are copied out, because a slice would keep the whole
             // request buffer alive for as long as any of its blocks stays
             // cached, far beyond what the cache counts against its budget.
-            if let [Some(k)] = keys[..] {
-                self.inner.read_cache.insert(k, data.clone());
+            // Blocks a later write took over are left out: their records were
+            // never installed, so no commit would drop them from the cache.
+            if let ([Some(k)], None) = (&keys[..], &skip) {
+                self.inner.read_cache.insert(*k, data.clone());
             } else {
                 self.inner
                     .read_cache
                     .insert_many(keys.iter().enumerate().filter_map(|(i, k)| {
-                        k.map(|k| (k, Bytes::copy_from_slice(&data[i * bs..(i + 1) * bs])))
+                        let k = k.filter(|_| sets(i))?;
+                        Some((k, Bytes::copy_from_slice(&data[i * bs..(i + 1) * bs])))
                     }));
             }
             return Ok(());

@@ -326,17 +326,19 @@ fn connections_past_the_limit_are_closed_at_once_and_open_ones_go_on() {
     check_io(&mut a, 1, 0);
     check_io(&mut b, 3, MIB);
     // A slot frees once a connection ends (the server notices the close
-    // asynchronously, hence the retries).
+    // asynchronously, hence the retries; a refused attempt holds no slot).
     drop(pending);
     let t0 = Instant::now();
-    while !greeted(srv.addr) {
+    let mut d = loop {
+        if let Some(d) = RawClient::try_connect(srv.addr, "disk", true, true) {
+            break d;
+        }
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "the slot of a closed connection was never reused"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut d = RawClient::connect(srv.addr, "disk", true, true);
+    };
     check_io(&mut d, 5, 2 * MIB);
     check_io(&mut a, 7, 3 * MIB);
 }
@@ -369,6 +371,35 @@ fn slow_reader_gets_back_pressure_not_unbounded_buffering() {
     }
     assert_eq!(disk.read_count(), n);
     check_io(&mut h, 7, MIB);
+}
+
+#[test]
+fn shutdown_answers_a_pending_block_status_at_once() {
+    // Every answer of this export takes 6 s, longer than the grace. (The
+    // flush a connection makes as it ends takes as long, so the server
+    // itself stops after about grace + 6 s whatever happens here.)
+    let c = MemoryCatalog::new();
+    let slow = Duration::from_secs(6);
+    c.add("disk", MemoryExport::new(64 * MIB).latency(slow, slow));
+    let cfg = NbdConfig {
+        shutdown_grace: Some(Duration::from_secs(3)),
+        ..NbdConfig::default()
+    };
+    let srv = TestServer::start(Arc::new(c), cfg);
+    let mut h = RawClient::connect(srv.addr, "disk", true, false);
+    h.send(0, proto::CMD_BLOCK_STATUS, 9, 0, MIB, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let stopper = std::thread::spawn(move || srv.stop());
+    // ESHUTDOWN at once: not after the lookup, and not a connection cut
+    // when the grace runs out before it.
+    assert_eq!(h.status_reply().unwrap(), (proto::ESHUTDOWN, 9));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the block status was answered {:?} after shutdown began",
+        t0.elapsed()
+    );
+    stopper.join().unwrap().unwrap();
 }
 
 #[test]

@@ -168,11 +168,34 @@ impl RawClient {
     /// Connects and negotiates with NBD_OPT_GO (optionally structured replies
     /// + base:allocation, or extended headers).
     pub fn connect(addr: SocketAddr, export: &str, structured: bool, extended: bool) -> RawClient {
+        RawClient::try_connect(addr, export, structured, extended)
+            .expect("the server closed the connection before its greeting")
+    }
+
+    /// `connect`, or `None` when the server closes the connection before
+    /// greeting it (as it does past its connection limit).
+    pub fn try_connect(
+        addr: SocketAddr,
+        export: &str,
+        structured: bool,
+        extended: bool,
+    ) -> Option<RawClient> {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut b = [0u8; 18];
-        s.read_exact(&mut b).unwrap();
+        match s.read_exact(&mut b) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return None
+            }
+            Err(e) => panic!("waiting for the server's greeting: {e}"),
+        }
         assert_eq!(
             u64::from_be_bytes(b[..8].try_into().unwrap()),
             proto::NBDMAGIC
@@ -226,7 +249,7 @@ impl RawClient {
                 c.flags = u16::from_be_bytes([d[10], d[11]]);
             }
         }
-        c
+        Some(c)
     }
 
     pub fn option(&mut self, opt: u32, data: &[u8]) {

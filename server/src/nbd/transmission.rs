@@ -656,7 +656,18 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
                 } else {
                     MAX_COMPACT_EXTENT
                 };
-                let fut = self.export.block_status(req.offset, len);
+                // A lookup may wait behind other connections' (see the
+                // export); once the server stops, answering ESHUTDOWN beats
+                // holding the shutdown grace for an answer nobody needs.
+                // Unlike a write, abandoning it changes nothing.
+                let lookup = self.export.block_status(req.offset, len);
+                let stop = self.stop.clone();
+                let fut: ExportFuture<Vec<Extent>> = Box::pin(async move {
+                    tokio::select! {
+                        r = lookup => r,
+                        _ = stop.cancelled() => Err(ExportError::Shutdown),
+                    }
+                });
                 self.start(&req, permits, fut, move |r| match r {
                     Ok(ext) => Body::BlockStatus {
                         ctx,
