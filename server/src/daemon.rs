@@ -57,7 +57,8 @@ pub struct Args {
     /// Memory for caching decoded blocks for reads: a size (K/M/G suffixes; 0 disables) or `auto`,
     /// a quarter of the memory this process may use (RAM, or the cgroup limit when lower), at least
     /// 256M. Shared by all volumes; deduplicated blocks are cached once. It fills only as blocks are
-    /// read or written (writes over 256 KiB only while it has free room: streams never evict).
+    /// read or written (writes over 256 KiB only into unmapped blocks and while it has free room:
+    /// streams never evict, and rewrites of old data do not churn it).
     #[arg(long, default_value = "auto", value_name = "SIZE|auto", value_parser = parse_cache_arg)]
     pub read_cache: ReadCacheArg,
     /// Log output format.
