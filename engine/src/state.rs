@@ -280,6 +280,7 @@ impl Txn<'_> {
     /// Map a run of blocks at once. All new references are taken before any
     /// old one is dropped, so content that moves between blocks of the same
     /// batch never passes through a zero count.
+    ///
     /// Returns how many of the blocks were mapped before (to the same
     /// content or another).
     pub fn set_blocks(
