@@ -875,8 +875,6 @@ mod tests {
         }
     }
 
-    /// Run `f` on its own thread and fail if it takes longer than `secs`
-    /// (a lost wake-up would otherwise hang the test run).
     /// A multi-thread runtime like ballastd's on this machine.
     fn two_workers() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -886,6 +884,8 @@ mod tests {
             .unwrap()
     }
 
+    /// Run `f` on its own thread and fail if it takes longer than `secs`
+    /// (a lost wake-up would otherwise hang the test run).
     fn within(secs: u64, f: impl FnOnce() + Send + 'static) {
         let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
