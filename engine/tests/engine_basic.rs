@@ -10,15 +10,20 @@ fn opts(size: u64) -> VolumeOptions {
     VolumeOptions::new(size)
 }
 
-/// An engine without a read cache (a block not in memory is read from the
-/// disk) and an empty volume "v" of `size` bytes on it.
-async fn without_read_cache(h: &Harness, size: u64) -> (Engine, Volume) {
+/// An engine with a read cache of `cache_bytes` (0: none, so a block not
+/// in memory is read from the disk) and an empty volume "v" of `size` bytes.
+async fn with_read_cache(h: &Harness, cache_bytes: u64, size: u64) -> (Engine, Volume) {
     let mut cfg = h.config();
-    cfg.read_cache_bytes = 0;
+    cfg.read_cache_bytes = cache_bytes;
     let e = h.open_with(cfg).await;
     e.create_volume("v", opts(size)).await.unwrap();
     let v = e.open_volume("v").unwrap();
     (e, v)
+}
+
+/// 1 MiB of distinct 4 KiB blocks, `seed` to `seed + 255`.
+fn mib_of_blocks(seed: u64) -> Vec<u8> {
+    (0..256).flat_map(|i| block(seed + i, 4096, 0)).collect()
 }
 
 async fn for_each_backend<F, Fut>(f: F)
@@ -360,15 +365,10 @@ async fn disks_of_other_pools_are_refused_and_disks_can_be_added_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_fill_the_read_cache_but_streams_never_evict() {
     let h = Harness::new(Backend::Sim);
-    let mut cfg = h.config();
     // Room for 2 MiB of blocks (each weighs 4 KiB plus bookkeeping).
-    cfg.read_cache_bytes = 2 << 20;
-    let e = h.open_with(cfg).await;
-    e.create_volume("v", opts(8 << 20)).await.unwrap();
-    let v = e.open_volume("v").unwrap();
-    let mib = |seed: u64| -> Vec<u8> { (0..256).flat_map(|i| block(seed + i, 4096, 0)).collect() };
+    let (e, v) = with_read_cache(&h, 2 << 20, 8 << 20).await;
     // A 1 MiB write into a cache with room is cached...
-    let first = mib(0);
+    let first = mib_of_blocks(0);
     v.write(0, Bytes::from(first.clone()), false).await.unwrap();
     let after_first = e.node_stats().read_cache_bytes;
     assert!(
@@ -377,7 +377,7 @@ async fn writes_fill_the_read_cache_but_streams_never_evict() {
     );
     // ...a second one no longer fits whole: it bypasses the cache rather
     // than evict the first.
-    v.write(1 << 20, Bytes::from(mib(1000)), false)
+    v.write(1 << 20, Bytes::from(mib_of_blocks(1000)), false)
         .await
         .unwrap();
     assert_eq!(e.node_stats().read_cache_bytes, after_first);
@@ -394,11 +394,7 @@ async fn writes_fill_the_read_cache_but_streams_never_evict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overwritten_blocks_leave_the_read_cache() {
     let h = Harness::new(Backend::Sim);
-    let mut cfg = h.config();
-    cfg.read_cache_bytes = 8 << 20;
-    let e = h.open_with(cfg).await;
-    e.create_volume("v", opts(8 << 20)).await.unwrap();
-    let v = e.open_volume("v").unwrap();
+    let (e, v) = with_read_cache(&h, 8 << 20, 8 << 20).await;
     let run = |seed: u64| -> Vec<u8> { (0..64).flat_map(|i| block(seed + i, 4096, 0)).collect() };
     v.write(0, Bytes::from(run(0)), false).await.unwrap();
     e.flush().await.unwrap();
@@ -423,20 +419,17 @@ async fn overwritten_blocks_leave_the_read_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_overwrites_do_not_churn_the_read_cache() {
     let h = Harness::new(Backend::Sim);
-    let mut cfg = h.config();
-    cfg.read_cache_bytes = 8 << 20;
-    let e = h.open_with(cfg).await;
-    e.create_volume("v", opts(8 << 20)).await.unwrap();
-    let v = e.open_volume("v").unwrap();
-    let mib = |seed: u64| -> Vec<u8> { (0..256).flat_map(|i| block(seed + i, 4096, 0)).collect() };
+    let (e, v) = with_read_cache(&h, 8 << 20, 8 << 20).await;
     // A 1 MiB write into unmapped blocks, with room: cached (a bulk load).
-    v.write(0, Bytes::from(mib(0)), false).await.unwrap();
+    v.write(0, Bytes::from(mib_of_blocks(0)), false)
+        .await
+        .unwrap();
     e.flush().await.unwrap();
     let loaded = e.node_stats().read_cache_bytes;
     assert!(loaded >= 256 * 4096, "a bulk load is cached: {loaded}");
     // Rewriting it kills every cached block, which frees the room; the new
     // blocks still stay out: a stream over old data is not cached.
-    let last = mib(1000);
+    let last = mib_of_blocks(1000);
     v.write(0, Bytes::from(last.clone()), false).await.unwrap();
     e.flush().await.unwrap();
     let after = e.node_stats().read_cache_bytes;
@@ -526,7 +519,7 @@ async fn unflushed_writes_read_back_without_the_read_cache() {
         let mut h = Harness::new(b);
         h.segment_size = 4 << 20;
         const SIZE: u64 = 16 << 20;
-        let (e, v) = without_read_cache(&h, SIZE).await;
+        let (e, v) = with_read_cache(&h, 0, SIZE).await;
         let mut model = vec![0u8; SIZE as usize];
         let mut x = 7u64;
         for i in 0..(SIZE / 65536) {
@@ -567,7 +560,7 @@ async fn unflushed_writes_read_back_without_the_read_cache() {
 async fn late_partial_writes_never_undo_later_writes() {
     for_each_backend(|b| async move {
         let h = Harness::new(b);
-        let (e, v) = without_read_cache(&h, 8 << 20).await;
+        let (e, v) = with_read_cache(&h, 0, 8 << 20).await;
         let bs = 4096usize;
         // Blocks 0..4 hold `old`; then enough data to seal their segment,
         // and a flush, so that reading them means reading the disk.
@@ -665,7 +658,7 @@ async fn reads_racing_overwrites_see_old_or_new_content() {
     }
     for_each_backend(|b| async move {
         let h = Harness::new(b);
-        let (e, v) = without_read_cache(&h, 1 << 20).await;
+        let (e, v) = with_read_cache(&h, 0, 1 << 20).await;
         const BLOCKS: u64 = 8;
         for blk in 0..BLOCKS {
             v.write(blk * 4096, Bytes::from(content(blk, 0)), false)
