@@ -305,6 +305,23 @@ fn qemu_checks(extended: bool) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The `(start, length)` runs of a JSON map's entries that `keep` accepts,
+/// adjacent ones merged; `start` names the offset field.
+fn map_runs(
+    map: &serde_json::Value,
+    start: &str,
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<(u64, u64)> {
+    merged(
+        map.as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| keep(m))
+            .map(|m| (m[start].as_u64().unwrap(), m["length"].as_u64().unwrap()))
+            .collect(),
+    )
+}
+
 /// Merges adjacent `(start, length)` runs.
 fn merged(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     runs.sort();
@@ -344,36 +361,20 @@ fn nbdinfo_and_qemu_img_map_the_whole_export_from_short_block_status_answers() {
         let map = json(&run_ok(
             Command::new(&nbdinfo).args(["--map", "--json"]).arg(&uri),
         ));
-        let entries = map.as_array().unwrap();
-        let all: Vec<(u64, u64)> = entries
-            .iter()
-            .map(|m| (m["offset"].as_u64().unwrap(), m["length"].as_u64().unwrap()))
-            .collect();
-        assert_eq!(merged(all), vec![(0, size)], "nbdinfo --map: {map}");
-        let data: Vec<(u64, u64)> = entries
-            .iter()
-            .filter(|m| m["type"] == 0)
-            .map(|m| (m["offset"].as_u64().unwrap(), m["length"].as_u64().unwrap()))
-            .collect();
-        assert_eq!(merged(data), written, "nbdinfo --map: {map}");
+        let all = map_runs(&map, "offset", |_| true);
+        assert_eq!(all, vec![(0, size)], "nbdinfo --map: {map}");
+        let data = map_runs(&map, "offset", |m| m["type"] == 0);
+        assert_eq!(data, written, "nbdinfo --map: {map}");
 
         let map = json(&run_ok(
             Command::new(&qemu_img)
                 .args(["map", "-f", "raw", "--output=json"])
                 .arg(&uri),
         ));
-        let entries = map.as_array().unwrap();
-        let all: Vec<(u64, u64)> = entries
-            .iter()
-            .map(|m| (m["start"].as_u64().unwrap(), m["length"].as_u64().unwrap()))
-            .collect();
-        assert_eq!(merged(all), vec![(0, size)], "qemu-img map: {map}");
-        let data: Vec<(u64, u64)> = entries
-            .iter()
-            .filter(|m| m["data"] == true)
-            .map(|m| (m["start"].as_u64().unwrap(), m["length"].as_u64().unwrap()))
-            .collect();
-        assert_eq!(merged(data), written, "qemu-img map: {map}");
+        let all = map_runs(&map, "start", |_| true);
+        assert_eq!(all, vec![(0, size)], "qemu-img map: {map}");
+        let data = map_runs(&map, "start", |m| m["data"] == true);
+        assert_eq!(data, written, "qemu-img map: {map}");
     }
 }
 
