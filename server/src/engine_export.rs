@@ -194,34 +194,12 @@ mod tests {
     use ballast_engine::io::BackendChoice;
     use ballast_engine::{DiskSpec, EngineConfig, VolumeOptions};
     use futures_util::task::noop_waker_ref;
-    use std::path::PathBuf;
     use std::task::Context;
 
-    /// A data folder removed when the test ends.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            let d = std::env::temp_dir().join(format!(
-                "ballast-engine-export-{tag}-{}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            TempDir(d)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    async fn engine(dir: &TempDir) -> Engine {
-        let mut cfg = EngineConfig::new(dir.0.join("data"));
+    async fn engine(dir: &std::path::Path) -> Engine {
+        let mut cfg = EngineConfig::new(dir.join("data"));
         cfg.disks = vec![DiskSpec {
-            path: dir.0.join("disk0.img"),
+            path: dir.join("disk0.img"),
             create_size: Some(256 << 20),
         }];
         cfg.backend = BackendChoice::Threads;
@@ -234,8 +212,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn block_status_waits_for_a_lookup_slot_instead_of_looking_up_inline() {
-        let dir = TempDir::new("block-status");
-        let engine = engine(&dir).await;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path()).await;
         engine
             .create_volume("v", VolumeOptions::new(4 << 30))
             .await
