@@ -43,13 +43,6 @@ fn fill(g: &mut Xorshift, buf: &mut [u8], data: Data) {
     }
 }
 
-fn bench_dir() -> tempfile::TempDir {
-    match std::env::var_os("BALLAST_BENCH_DIR") {
-        Some(d) => tempfile::tempdir_in(d).expect("bench dir"),
-        None => tempfile::tempdir().expect("temp dir"),
-    }
-}
-
 async fn open(dir: &std::path::Path, read_cache_bytes: u64) -> (Engine, Volume) {
     let mut cfg = EngineConfig::new(dir.join("data"));
     cfg.read_cache_bytes = read_cache_bytes;
@@ -63,15 +56,6 @@ async fn open(dir: &std::path::Path, read_cache_bytes: u64) -> (Engine, Volume) 
     e.create_volume("bench", o).await.expect("volume");
     let v = e.open_volume("bench").unwrap();
     (e, v)
-}
-
-/// A runtime with two workers, as ballastd has on this machine's two cores.
-fn two_workers() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// The `engine` group's settings: few, long samples (each one many I/Os).
@@ -222,8 +206,8 @@ fn codecs(c: &mut Criterion) {
 }
 
 fn engine_paths(c: &mut Criterion) {
-    let rt = two_workers();
-    let dir = bench_dir();
+    let rt = ballast_benches::runtime().expect("runtime");
+    let dir = ballast_benches::scratch_dir().expect("bench dir");
     // Writes run with the default read cache, as ballastd does (each write
     // also caches its blocks).
     let (engine, vol) = rt.block_on(open(dir.path(), EngineConfig::new("").read_cache_bytes));
@@ -250,7 +234,7 @@ fn engine_paths(c: &mut Criterion) {
     // Reads of data that is on disk, not in a segment image or a read cache:
     // a second engine without read cache; fill a 1 GiB span, flush, and let
     // the reads hit the disk with O_DIRECT (metadata stays cached).
-    let dir = bench_dir();
+    let dir = ballast_benches::scratch_dir().expect("bench dir");
     let (engine, vol) = rt.block_on(open(dir.path(), 0));
     rt.block_on(async {
         writes(&vol, 1024, 1 << 20, Data::Compressible, false, 99).await;
@@ -279,8 +263,8 @@ fn engine_paths(c: &mut Criterion) {
 /// The raw I/O backends at queue depth 1: the floor under the engine's read latency.
 fn io_backends(c: &mut Criterion) {
     use ballast_engine::io::{AlignedBuf, BackendChoice, IoEngine};
-    let rt = two_workers();
-    let dir = bench_dir();
+    let rt = ballast_benches::runtime().expect("runtime");
+    let dir = ballast_benches::scratch_dir().expect("bench dir");
     let path = dir.path().join("raw.img");
     std::fs::write(&path, vec![7u8; 64 << 20]).unwrap();
     let mut g = c.benchmark_group("io");
@@ -338,8 +322,8 @@ fn io_backends(c: &mut Criterion) {
 /// pieces handed out), as under fio's 1 MiB reads of a freshly written
 /// volume through ballastd.
 fn warm_reads(c: &mut Criterion) {
-    let rt = two_workers();
-    let dir = bench_dir();
+    let rt = ballast_benches::runtime().expect("runtime");
+    let dir = ballast_benches::scratch_dir().expect("bench dir");
     let (engine, vol) = rt.block_on(open(dir.path(), 1 << 30));
     rt.block_on(async {
         // 512 MiB in 1 MiB writes: cached as written, the cache having room.
