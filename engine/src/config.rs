@@ -146,6 +146,9 @@ pub struct NodeStats {
     pub metadata_write_buffer_bytes: u64,
     /// The in-memory filter over the record index (fixed by pool capacity).
     pub record_filter_bytes: u64,
+    /// The bitmap of blocks that may be mapped (grows with the block maps,
+    /// bounded; see `block_filter`).
+    pub block_filter_bytes: u64,
     /// The entry cache in use (bounded by `EngineConfig::entry_cache_bytes`).
     pub entry_cache_bytes: u64,
     pub read_cache_bytes: u64,

@@ -164,6 +164,11 @@ impl Engine {
         let capacity: u64 = disks.iter().map(|d| d.segments as u64 * seg as u64).sum();
         let mut meta = meta;
         meta.record_filter = Some(crate::record_filter::RecordFilter::for_capacity(capacity));
+        // 128 MiB per TiB of pool (at least 64 MiB): block maps as dense as
+        // 4 KiB blocks of 1.5 times the pool's capacity fit.
+        meta.block_filter = Some(crate::block_filter::BlockFilter::with_budget(
+            (capacity / 8192).max(64 << 20),
+        ));
         let meta = meta;
         let mut catalog = HashMap::new();
         for v in meta.load_volumes()? {
@@ -200,7 +205,14 @@ impl Engine {
             cfg,
         });
         let engine = Engine { inner };
-        engine.fill_record_filter(counters.records).await?;
+        let mapped: u64 = engine
+            .inner
+            .catalog
+            .read()
+            .values()
+            .map(|v| v.committed_mapped.load(Ordering::SeqCst))
+            .sum();
+        engine.fill_filters(counters.records, mapped).await?;
         engine.spawn_background();
         let st = engine.inner.state.lock().committed;
         tracing::info!(
@@ -214,39 +226,48 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Load the record filter from the index: inline for small pools (a
-    /// second or so), in the background for large ones so recovery time does
-    /// not grow with the data; until then lookups go to the store.
-    async fn fill_record_filter(&self, records: u64) -> Result<()> {
+    /// Load the record filter from the record index and the block filter
+    /// from the block map: inline for small pools (a second or so), in the
+    /// background for large ones so recovery time does not grow with the
+    /// data; until then lookups go to the store.
+    async fn fill_filters(&self, records: u64, mapped: u64) -> Result<()> {
         const INLINE_MAX: u64 = 4 << 20;
         let weak = Arc::downgrade(&self.inner);
         let fill = move || -> Result<()> {
             let Some(inner) = weak.upgrade() else {
                 return Ok(());
             };
+            let stop = || inner.shutting_down.load(Ordering::Relaxed);
             let t0 = Instant::now();
             let filter = inner
                 .meta
                 .record_filter
                 .as_ref()
                 .expect("installed at open");
-            let n = inner
-                .meta
-                .fill_record_filter(filter, || inner.shutting_down.load(Ordering::Relaxed))?;
+            let n = inner.meta.fill_record_filter(filter, stop)?;
             tracing::info!(
                 records = n,
                 filter_bytes = filter.memory_bytes(),
                 elapsed_ms = t0.elapsed().as_millis() as u64,
                 "record filter loaded"
             );
+            let t0 = Instant::now();
+            let filter = inner.meta.block_filter.as_ref().expect("installed at open");
+            let n = inner.meta.fill_block_filter(filter, stop)?;
+            tracing::info!(
+                blocks = n,
+                filter_bytes = filter.memory_bytes(),
+                elapsed_ms = t0.elapsed().as_millis() as u64,
+                "mapped-block filter loaded"
+            );
             Ok(())
         };
-        if records <= INLINE_MAX {
+        if records <= INLINE_MAX && mapped <= INLINE_MAX {
             return fill();
         }
         let h = self.inner.rt.spawn_blocking(move || {
             if let Err(e) = fill() {
-                tracing::warn!(error = %e, "loading the record filter failed; dedup lookups stay on the store");
+                tracing::warn!(error = %e, "loading the record or block filter failed; lookups stay on the store");
             }
         });
         // Not in `tasks` (a blocking scan cannot be aborted): it stops by
@@ -687,6 +708,12 @@ impl Engine {
                 .record_filter
                 .as_ref()
                 .map_or(0, |f| f.memory_bytes()),
+            block_filter_bytes: self
+                .inner
+                .meta
+                .block_filter
+                .as_ref()
+                .map_or(0, |f| f.memory_bytes()),
             entry_cache_bytes: self.inner.meta.entries.memory_bytes(),
             read_cache_bytes: self.inner.read_cache.weight(),
             dedup_ratio: ratio(logical, unique),
@@ -1029,6 +1056,16 @@ impl Inner {
                 None => batch.remove(&meta.blocks, map_key(v, lba)),
             }
         }
+        // Before the batch lands, so the filter is never behind the store
+        // (see `block_filter`).
+        if let Some(f) = &meta.block_filter {
+            f.insert(
+                blocks
+                    .iter()
+                    .filter(|(_, k)| k.is_some())
+                    .map(|(&vl, _)| vl),
+            );
+        }
         let mut records: Vec<_> = ov.records.iter().collect();
         records.sort_unstable_by_key(|(k, _)| **k);
         for (k, m) in records {
@@ -1126,6 +1163,11 @@ impl Inner {
             .map_err(|e| EngineError::Meta(format!("the metadata commit thread died: {e}")))??;
         // Before publishing: until then the frozen overlay shadows these keys.
         meta.entries.apply(&blocks, &ov);
+        if let Some(f) = &meta.block_filter {
+            for &id in &ov.deleted_volumes {
+                f.drop_volume(id);
+            }
+        }
         // Blocks whose record died can only be read again if the same
         // content is written again: drop them, so overwrites recycle the
         // cache's memory instead of growing it with dead blocks (or evicting

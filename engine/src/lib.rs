@@ -11,6 +11,7 @@
 //! - `key`: block identities (blake3 + nonce) and metadata key encodings.
 //! - `meta`: the fjall metadata store (block maps, record index, segments).
 //! - `record_filter`: a Bloom filter that answers record-index misses in memory.
+//! - `block_filter`: a bitmap of the blocks that may have a committed mapping.
 //! - `entry_cache`: recently used committed block-map and record-index entries.
 //! - `state`: the in-memory overlay of uncommitted metadata changes.
 //! - `engine`: opening/recovery, group commit, control operations, stats.
@@ -22,6 +23,7 @@
 //!
 //! docs/ARCHITECTURE.md describes the formats and the crash-recovery argument.
 
+mod block_filter;
 mod cleaner;
 mod config;
 mod engine;

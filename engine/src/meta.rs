@@ -2,6 +2,7 @@
 //! volume and counter records. Every change reaches fjall through one atomic
 //! batch per commit (see `commit`), never piecemeal.
 
+use crate::block_filter::BlockFilter;
 use crate::config::Compression;
 use crate::entry_cache::EntryCache;
 use crate::error::{EngineError, Result};
@@ -25,6 +26,9 @@ pub(crate) struct Meta {
     /// Answers most record-index misses from memory; installed once the
     /// pool's capacity is known (see `record_filter`).
     pub record_filter: Option<RecordFilter>,
+    /// Answers "never mapped" for blocks of the block map from memory;
+    /// installed with the record filter (see `block_filter`).
+    pub block_filter: Option<BlockFilter>,
     /// Decoded committed entries in front of `blocks` and `records`.
     pub entries: EntryCache,
 }
@@ -158,6 +162,7 @@ impl Meta {
             segments: ks("segments")?,
             misc: ks("misc")?,
             record_filter: None,
+            block_filter: None,
             entries: EntryCache::new(entry_cache_bytes),
             db,
         })
@@ -193,6 +198,9 @@ impl Meta {
         lba: u64,
         new: Option<BlockKey>,
     ) -> Result<Option<BlockKey>> {
+        if self.filter_rules_out_block(volume, lba) {
+            return Ok(None);
+        }
         if let Some(v) = self.entries.block(volume, lba) {
             return Ok(v);
         }
@@ -215,8 +223,17 @@ impl Meta {
         }
     }
 
+    /// Whether the block filter says the block certainly has no committed
+    /// mapping.
+    fn filter_rules_out_block(&self, volume: u32, lba: u64) -> bool {
+        self.block_filter
+            .as_ref()
+            .is_some_and(|f| !f.may_be_mapped(volume, lba))
+    }
+
     /// The committed mappings of blocks `lba0 + i`, for each `i` in
-    /// `misses`, into `out[i]`: entry cache, then the store — one range scan
+    /// `misses`, into `out[i]` (which the caller set to `None`): the block
+    /// filter, the entry cache, then the store — one range scan
     /// once more than four miss (a 1 MiB write is 256 blocks), else point
     /// reads. `fill` says whether store reads may fill the entry cache (see
     /// `entry_cache` for who may).
@@ -224,12 +241,15 @@ impl Meta {
         &self,
         volume: u32,
         lba0: u64,
-        misses: &[usize],
+        mut misses: Vec<usize>,
         out: &mut [Option<BlockKey>],
         fill: CacheFill<'_>,
     ) -> Result<()> {
+        if let Some(f) = &self.block_filter {
+            f.retain_maybe_mapped(volume, lba0, &mut misses);
+        }
         let mut cached = vec![false; out.len()];
-        self.entries.blocks(volume, lba0, misses, |i, v| {
+        self.entries.blocks(volume, lba0, &misses, |i, v| {
             out[i] = v;
             cached[i] = true;
         });
@@ -367,6 +387,30 @@ impl Meta {
             filter.insert(&key);
             n += 1;
         }
+        filter.mark_ready();
+        Ok(n)
+    }
+
+    /// Set the bit of every block the block map holds, then mark the
+    /// filter ready. Gives up (filter left not ready) when `stop` says so.
+    pub fn fill_block_filter(&self, filter: &BlockFilter, stop: impl Fn() -> bool) -> Result<u64> {
+        let mut n = 0u64;
+        let mut run: Vec<(u32, u64)> = Vec::with_capacity(4096);
+        for kv in self.blocks.iter() {
+            if n.is_multiple_of(65536) && stop() {
+                return Ok(n);
+            }
+            let k = kv.key()?;
+            run.push(
+                crate::key::decode_map_key(&k)
+                    .ok_or_else(|| EngineError::CorruptMeta("block map key".into()))?,
+            );
+            if run.len() == run.capacity() {
+                filter.insert(run.drain(..));
+            }
+            n += 1;
+        }
+        filter.insert(run);
         filter.mark_ready();
         Ok(n)
     }

@@ -359,7 +359,7 @@ impl Txn<'_> {
             }
         }
         self.meta
-            .committed_blocks(volume, lba0, &misses, &mut out, CacheFill::Unchanged(new))?;
+            .committed_blocks(volume, lba0, misses, &mut out, CacheFill::Unchanged(new))?;
         Ok(out)
     }
 

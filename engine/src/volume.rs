@@ -707,7 +707,7 @@ impl Volume {
         // Readers never fill the entry cache: they left the state lock.
         self.inner
             .meta
-            .committed_blocks(self.v.id, lba, &unknown, &mut out, CacheFill::Never)?;
+            .committed_blocks(self.v.id, lba, unknown, &mut out, CacheFill::Never)?;
         Ok(out)
     }
 
