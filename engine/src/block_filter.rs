@@ -10,19 +10,20 @@
 //! of 4 KiB blocks is 64 KiB of bits.
 //!
 //! Invariant: while the filter is ready, every block with a committed
-//! mapping has its bit set. Commits set their blocks' bits before their
-//! batch reaches the store (so the filter is never behind it), the start-up
-//! scan covers what was there before, and bits are never cleared while the
-//! volume lives (an unmapped block keeps a stale "maybe", which costs only
-//! the lookup it would have cost anyway). Writers and readers ask about a
-//! block only after finding it in neither overlay under the state lock, and
-//! a commit drops its overlay under that lock after setting the bits, so the
-//! lock orders the bits before the question.
+//! mapping in a tracked volume has its bit set. Commits set their blocks'
+//! bits before their batch reaches the store (so the filter is never behind
+//! it), the start-up scan covers what was there before, and bits are never
+//! cleared while the volume is tracked (an unmapped block keeps a stale
+//! "maybe", which costs only the lookup it would have cost anyway). Writers
+//! and readers ask about a block only after finding it in neither overlay
+//! under the state lock, and a commit drops its overlay under that lock
+//! after setting the bits, so the lock orders the bits before the question.
 //!
-//! Memory is bounded: past its budget the filter turns itself off for good
-//! (every answer "maybe", as before it existed) rather than grow with
-//! sparse random writes into huge thin volumes, where each mapped block
-//! could cost a chunk.
+//! A volume can be untracked: every answer about it is "maybe", as before
+//! this filter existed, and its bits are freed. Snapshots are (nobody writes
+//! them), deleted volumes are, and so is every volume that needs a new chunk
+//! once the filter's memory budget is spent: sparse random writes into huge
+//! thin volumes could otherwise cost a chunk per block.
 
 use crate::state::FastMap;
 use parking_lot::RwLock;
@@ -36,19 +37,18 @@ const WORDS: usize = (CHUNK_BLOCKS / 64) as usize;
 const CHUNK_COST: u64 = (WORDS * 8) as u64 + 48;
 
 type Chunk = [AtomicU64; WORDS];
+type Chunks = FastMap<u64, Box<Chunk>>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// The start-up scan has not finished: every answer is "maybe".
-    Loading,
-    Ready,
-    /// Over budget: every answer is "maybe" until the next start.
-    Off,
+enum VolumeBits {
+    Tracked(Chunks),
+    Untracked,
 }
 
 struct Bits {
-    chunks: FastMap<(u32, u64), Box<Chunk>>,
-    phase: Phase,
+    volumes: FastMap<u32, VolumeBits>,
+    chunks: usize,
+    /// The start-up scan has finished: "unmapped" answers are final.
+    ready: bool,
 }
 
 pub(crate) struct BlockFilter {
@@ -57,98 +57,142 @@ pub(crate) struct BlockFilter {
 }
 
 fn chunk_of(lba: u64) -> (u64, usize, u64) {
-    let c = lba / CHUNK_BLOCKS;
     let i = lba % CHUNK_BLOCKS;
-    (c, (i / 64) as usize, 1 << (i % 64))
+    (lba / CHUNK_BLOCKS, (i / 64) as usize, 1 << (i % 64))
 }
 
 impl BlockFilter {
-    /// A filter that gives up past `budget_bytes`.
+    /// A filter that stops adding chunks past `budget_bytes`.
     pub fn with_budget(budget_bytes: u64) -> BlockFilter {
         BlockFilter {
             bits: RwLock::new(Bits {
-                chunks: FastMap::default(),
-                phase: Phase::Loading,
+                volumes: FastMap::default(),
+                chunks: 0,
+                ready: false,
             }),
             max_chunks: (budget_bytes / CHUNK_COST) as usize,
         }
     }
 
-    /// Set the bits of these blocks (any order; runs in one chunk share a
-    /// map lookup). Chunks that do not exist yet are added under the write
-    /// lock, once per call.
+    /// Set the bits of these blocks (runs in one chunk share a map lookup).
+    /// Chunks that do not exist yet are created under the write lock, once
+    /// each, and their bits set afterwards under the read lock.
     pub fn insert(&self, blocks: impl IntoIterator<Item = (u32, u64)>) {
-        let mut missing: Vec<(u32, u64)> = Vec::new();
-        {
-            let b = self.bits.read();
-            if b.phase == Phase::Off {
-                return;
-            }
-            let mut last: Option<((u32, u64), &Chunk)> = None;
-            for (v, lba) in blocks {
-                let (c, w, bit) = chunk_of(lba);
-                let chunk = match last {
-                    Some((k, ch)) if k == (v, c) => Some(ch),
-                    _ => b.chunks.get(&(v, c)).map(|ch| &**ch),
-                };
-                match chunk {
-                    Some(ch) => {
-                        ch[w].fetch_or(bit, Ordering::Relaxed);
-                        last = Some(((v, c), ch));
-                    }
-                    None => missing.push((v, lba)),
-                }
-            }
-        }
-        if missing.is_empty() {
+        let pending = self.set_existing(blocks);
+        if pending.is_empty() {
             return;
         }
-        let mut b = self.bits.write();
-        if b.phase == Phase::Off {
-            return;
-        }
-        for (v, lba) in missing {
+        let freed = self.add_chunks(&pending);
+        drop(freed);
+        // Every chunk of `pending` now exists unless its volume became
+        // untracked, whose bits nobody reads.
+        let left = self.set_existing(pending);
+        debug_assert!(left.is_empty(), "chunks vanished from tracked volumes");
+    }
+
+    /// Set the bits whose chunk exists; return the blocks of tracked
+    /// volumes whose chunk does not.
+    fn set_existing(&self, blocks: impl IntoIterator<Item = (u32, u64)>) -> Vec<(u32, u64)> {
+        let mut pending = Vec::new();
+        let b = self.bits.read();
+        let mut last: Option<(u32, u64, Option<&Chunk>)> = None;
+        for (v, lba) in blocks {
             let (c, w, bit) = chunk_of(lba);
-            if !b.chunks.contains_key(&(v, c)) && b.chunks.len() >= self.max_chunks {
-                tracing::info!(
-                    chunks = b.chunks.len(),
-                    "the mapped-block filter reached its memory budget and is off until restart; \
-                     writes into unmapped blocks look their old mapping up in the store"
-                );
-                b.phase = Phase::Off;
-                b.chunks = FastMap::default();
-                return;
+            let chunk = match last {
+                Some((lv, lc, ch)) if (lv, lc) == (v, c) => ch,
+                _ => {
+                    let ch = match b.volumes.get(&v) {
+                        Some(VolumeBits::Untracked) => {
+                            last = None;
+                            continue;
+                        }
+                        Some(VolumeBits::Tracked(m)) => m.get(&c).map(|ch| &**ch),
+                        None => None,
+                    };
+                    last = Some((v, c, ch));
+                    ch
+                }
+            };
+            match chunk {
+                Some(ch) => {
+                    ch[w].fetch_or(bit, Ordering::Relaxed);
+                }
+                None => pending.push((v, lba)),
             }
-            let ch = b
-                .chunks
-                .entry((v, c))
-                .or_insert_with(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
-            ch[w].fetch_or(bit, Ordering::Relaxed);
         }
+        pending
+    }
+
+    /// Create the chunks of `blocks`; a volume that would pass the budget
+    /// becomes untracked. Returns what was freed, to drop after unlocking.
+    fn add_chunks(&self, blocks: &[(u32, u64)]) -> Vec<Chunks> {
+        let mut freed = Vec::new();
+        let mut b = self.bits.write();
+        let b = &mut *b;
+        let mut last = None;
+        for &(v, lba) in blocks {
+            let c = lba / CHUNK_BLOCKS;
+            if last == Some((v, c)) {
+                continue;
+            }
+            last = Some((v, c));
+            let full = b.chunks >= self.max_chunks;
+            let vb = b
+                .volumes
+                .entry(v)
+                .or_insert_with(|| VolumeBits::Tracked(FastMap::default()));
+            let VolumeBits::Tracked(m) = vb else {
+                continue;
+            };
+            if m.contains_key(&c) {
+                continue;
+            }
+            if full {
+                tracing::info!(
+                    volume = v,
+                    chunks = b.chunks,
+                    "the mapped-block filter reached its memory budget: this volume's writes into \
+                     unmapped blocks look their old mapping up in the cache and the store"
+                );
+                if let Some(m) = untrack(vb, &mut b.chunks) {
+                    freed.push(m);
+                }
+                continue;
+            }
+            m.insert(c, Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+            b.chunks += 1;
+        }
+        freed
     }
 
     /// Every committed mapping is in: "unmapped" answers are final from now.
     pub fn mark_ready(&self) {
-        let mut b = self.bits.write();
-        if b.phase == Phase::Loading {
-            b.phase = Phase::Ready;
-        }
+        self.bits.write().ready = true;
     }
 
     /// Keep in `at` only the blocks `lba0 + i` that may have a committed
     /// mapping; the others certainly have none. One lock hold for the run.
     pub fn retain_maybe_mapped(&self, volume: u32, lba0: u64, at: &mut Vec<usize>) {
         let b = self.bits.read();
-        if b.phase != Phase::Ready {
+        if !b.ready {
             return;
         }
+        let chunks = match b.volumes.get(&volume) {
+            // Nothing of this volume was ever committed.
+            None => {
+                at.clear();
+                return;
+            }
+            Some(VolumeBits::Untracked) => return,
+            Some(VolumeBits::Tracked(m)) => m,
+        };
         let mut last: Option<(u64, Option<&Chunk>)> = None;
         at.retain(|&i| {
             let (c, w, bit) = chunk_of(lba0 + i as u64);
             let chunk = match last {
                 Some((lc, ch)) if lc == c => ch,
                 _ => {
-                    let ch = b.chunks.get(&(volume, c)).map(|ch| &**ch);
+                    let ch = chunks.get(&c).map(|ch| &**ch);
                     last = Some((c, ch));
                     ch
                 }
@@ -160,27 +204,45 @@ impl BlockFilter {
     /// `false` only when the block certainly has no committed mapping.
     pub fn may_be_mapped(&self, volume: u32, lba: u64) -> bool {
         let b = self.bits.read();
-        if b.phase != Phase::Ready {
+        if !b.ready {
             return true;
         }
         let (c, w, bit) = chunk_of(lba);
-        b.chunks
-            .get(&(volume, c))
-            .is_some_and(|ch| ch[w].load(Ordering::Relaxed) & bit != 0)
+        match b.volumes.get(&volume) {
+            None => false,
+            Some(VolumeBits::Untracked) => true,
+            Some(VolumeBits::Tracked(m)) => m
+                .get(&c)
+                .is_some_and(|ch| ch[w].load(Ordering::Relaxed) & bit != 0),
+        }
     }
 
-    /// A deleted volume's bits (its id is never reused).
-    pub fn drop_volume(&self, volume: u32) {
-        self.bits.write().chunks.retain(|&(v, _), _| v != volume);
-    }
-
-    #[cfg(test)]
-    pub fn is_ready(&self) -> bool {
-        self.bits.read().phase == Phase::Ready
+    /// Answer "maybe" for this volume from now on and free its bits: a
+    /// snapshot (never written) or a deleted volume (ids are never reused,
+    /// and a start-up scan racing the delete must not bring its bits back).
+    pub fn untrack(&self, volume: u32) {
+        let freed = {
+            let mut b = self.bits.write();
+            let b = &mut *b;
+            let vb = b.volumes.entry(volume).or_insert(VolumeBits::Untracked);
+            untrack(vb, &mut b.chunks)
+        };
+        drop(freed);
     }
 
     pub fn memory_bytes(&self) -> u64 {
-        self.bits.read().chunks.len() as u64 * CHUNK_COST
+        self.bits.read().chunks as u64 * CHUNK_COST
+    }
+}
+
+/// Turn `vb` untracked; returns its chunks (to drop outside the lock).
+fn untrack(vb: &mut VolumeBits, count: &mut usize) -> Option<Chunks> {
+    match std::mem::replace(vb, VolumeBits::Untracked) {
+        VolumeBits::Tracked(m) => {
+            *count -= m.len();
+            Some(m)
+        }
+        VolumeBits::Untracked => None,
     }
 }
 
@@ -198,6 +260,7 @@ mod tests {
     fn answers_maybe_until_ready_then_exactly() {
         let f = BlockFilter::with_budget(1 << 20);
         assert_eq!(maybe(&f, 1, 0, 3), vec![0, 1, 2], "loading: all maybe");
+        assert!(f.may_be_mapped(9, 1));
         f.insert([(1, 1), (1, 5000), (2, 0)]);
         f.mark_ready();
         assert_eq!(maybe(&f, 1, 0, 3), vec![1]);
@@ -205,33 +268,68 @@ mod tests {
         assert_eq!(maybe(&f, 1, 4999, 3), vec![1]);
         assert_eq!(maybe(&f, 2, 0, 2), vec![0]);
         assert!(maybe(&f, 3, 0, 2000).is_empty(), "unknown volume");
-        // Runs across a chunk boundary.
-        f.insert((1020..1030).map(|l| (1, l)));
+        // Runs across a chunk boundary, in any order.
+        f.insert((1020..1030).rev().map(|l| (1, l)));
         assert_eq!(maybe(&f, 1, 1018, 14), (2..12).collect::<Vec<_>>());
+        assert_eq!(f.memory_bytes(), 4 * CHUNK_COST);
     }
 
     #[test]
-    fn dropped_volume_forgets_its_bits() {
+    fn untracked_volumes_answer_maybe_and_free_their_bits() {
         let f = BlockFilter::with_budget(1 << 20);
         f.mark_ready();
         f.insert([(7, 3), (8, 3)]);
-        f.drop_volume(7);
-        assert!(maybe(&f, 7, 3, 1).is_empty());
-        assert_eq!(maybe(&f, 8, 3, 1), vec![0]);
+        f.untrack(7);
+        assert_eq!(f.memory_bytes(), CHUNK_COST);
+        assert_eq!(maybe(&f, 7, 0, 5), (0..5).collect::<Vec<_>>());
+        f.insert([(7, 3000)]);
+        assert_eq!(f.memory_bytes(), CHUNK_COST, "untracked stays untracked");
+        assert_eq!(maybe(&f, 8, 2, 3), vec![1]);
+        // Untracked before anything was written (a snapshot).
+        f.untrack(9);
+        assert!(f.may_be_mapped(9, 0));
     }
 
     #[test]
-    fn over_budget_turns_off_and_answers_maybe() {
+    fn past_the_budget_new_volumes_are_untracked_and_old_ones_stay_exact() {
         let f = BlockFilter::with_budget(4 * CHUNK_COST);
         f.mark_ready();
         f.insert((0..4).map(|c| (1, c * CHUNK_BLOCKS)));
-        assert!(f.is_ready());
         assert!(maybe(&f, 1, 1, 1).is_empty());
-        f.insert([(1, 4 * CHUNK_BLOCKS)]);
-        assert!(!f.is_ready());
-        assert_eq!(maybe(&f, 1, 1, 2), vec![0, 1], "off: all maybe");
+        f.insert([(2, 0), (1, 0)]);
+        assert_eq!(maybe(&f, 2, 1, 2), vec![0, 1], "over budget: maybe");
+        assert_eq!(maybe(&f, 1, 0, 2), vec![0], "volume 1 still exact");
+        // A volume that needs one more chunk is untracked as a whole.
+        f.insert([(1, 9 * CHUNK_BLOCKS)]);
+        assert_eq!(maybe(&f, 1, 1, 2), vec![0, 1]);
         assert_eq!(f.memory_bytes(), 0);
+        f.insert([(3, 0)]);
+        assert_eq!(maybe(&f, 3, 0, 2), vec![0], "room again for a new volume");
+    }
+
+    #[test]
+    fn concurrent_inserts_and_lookups_never_lose_a_bit() {
+        let f = std::sync::Arc::new(BlockFilter::with_budget(64 << 20));
         f.mark_ready();
-        assert!(!f.is_ready(), "off stays off");
+        let writers: Vec<_> = (0..2u32)
+            .map(|t| {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u64 {
+                        let lba = i.wrapping_mul(7919) % 4_000_000;
+                        f.insert([(t, lba)]);
+                        assert!(f.may_be_mapped(t, lba), "{t}/{lba} lost");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        for t in 0..2u32 {
+            for i in 0..20_000u64 {
+                assert!(f.may_be_mapped(t, i.wrapping_mul(7919) % 4_000_000));
+            }
+        }
     }
 }

@@ -34,6 +34,10 @@ pub struct EngineConfig {
     pub commit_interval: std::time::Duration,
     /// Decoded blocks kept in memory for reads (0 disables the cache).
     pub read_cache_bytes: u64,
+    /// Memory for the bitmap of mapped blocks (see `block_filter`); `None`:
+    /// 128 MiB per TiB of pool, at least 64 MiB. Past it, volumes that need
+    /// more are looked up in the cache and the store instead.
+    pub block_filter_bytes: Option<u64>,
     /// Run the background space cleaner.
     pub cleaner: bool,
     /// Test hook: open disks through this instead of the I/O backend.
@@ -51,6 +55,7 @@ impl EngineConfig {
             entry_cache_bytes: 256 << 20,
             commit_interval: std::time::Duration::from_secs(1),
             read_cache_bytes: 256 << 20,
+            block_filter_bytes: None,
             cleaner: true,
             disk_opener: None,
         }

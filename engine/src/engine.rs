@@ -164,15 +164,22 @@ impl Engine {
         let capacity: u64 = disks.iter().map(|d| d.segments as u64 * seg as u64).sum();
         let mut meta = meta;
         meta.record_filter = Some(crate::record_filter::RecordFilter::for_capacity(capacity));
-        // 128 MiB per TiB of pool (at least 64 MiB): block maps as dense as
-        // 4 KiB blocks of 1.5 times the pool's capacity fit.
+        // By default 128 MiB per TiB of pool (at least 64 MiB): dense block
+        // maps of 4 KiB blocks for about 2.9 times the pool's capacity.
         meta.block_filter = Some(crate::block_filter::BlockFilter::with_budget(
-            (capacity / 8192).max(64 << 20),
+            cfg.block_filter_bytes
+                .unwrap_or((capacity / 8192).max(64 << 20)),
         ));
         let meta = meta;
         let mut catalog = HashMap::new();
         for v in meta.load_volumes()? {
             catalog.insert(v.name.clone(), Arc::new(VolumeShared::from_record(&v)));
+        }
+        if let Some(f) = &meta.block_filter {
+            // Nobody writes snapshots: their bits would only take memory.
+            for v in catalog.values().filter(|v| v.read_only) {
+                f.untrack(v.id);
+            }
         }
         let (done_tx, _) = tokio::sync::watch::channel(0u64);
         let inner = Arc::new(Inner {
@@ -238,29 +245,32 @@ impl Engine {
                 return Ok(());
             };
             let stop = || inner.shutting_down.load(Ordering::Relaxed);
+            let meta = &inner.meta;
+            // Each on its own: a scan that fails or stops leaves only its
+            // own filter answering "maybe".
             let t0 = Instant::now();
-            let filter = inner
-                .meta
-                .record_filter
-                .as_ref()
-                .expect("installed at open");
-            let n = inner.meta.fill_record_filter(filter, stop)?;
-            tracing::info!(
-                records = n,
-                filter_bytes = filter.memory_bytes(),
-                elapsed_ms = t0.elapsed().as_millis() as u64,
-                "record filter loaded"
-            );
+            let filter = meta.record_filter.as_ref().expect("installed at open");
+            let records = meta.fill_record_filter(filter, stop);
+            if let Ok(Some(n)) = records {
+                tracing::info!(
+                    records = n,
+                    filter_bytes = filter.memory_bytes(),
+                    elapsed_ms = t0.elapsed().as_millis() as u64,
+                    "record filter loaded"
+                );
+            }
             let t0 = Instant::now();
-            let filter = inner.meta.block_filter.as_ref().expect("installed at open");
-            let n = inner.meta.fill_block_filter(filter, stop)?;
-            tracing::info!(
-                blocks = n,
-                filter_bytes = filter.memory_bytes(),
-                elapsed_ms = t0.elapsed().as_millis() as u64,
-                "mapped-block filter loaded"
-            );
-            Ok(())
+            let filter = meta.block_filter.as_ref().expect("installed at open");
+            let blocks = meta.fill_block_filter(filter, stop);
+            if let Ok(Some(n)) = blocks {
+                tracing::info!(
+                    blocks = n,
+                    filter_bytes = filter.memory_bytes(),
+                    elapsed_ms = t0.elapsed().as_millis() as u64,
+                    "mapped-block filter loaded"
+                );
+            }
+            records.and(blocks).map(drop)
         };
         if records <= INLINE_MAX && mapped <= INLINE_MAX {
             return fill();
@@ -514,6 +524,11 @@ impl Engine {
                 mapped_blocks: 0,
             }));
             cat.insert(name.into(), v.clone());
+            if read_only {
+                if let Some(f) = &self.inner.meta.block_filter {
+                    f.untrack(id);
+                }
+            }
             v
         };
         let r = {
@@ -535,7 +550,11 @@ impl Engine {
                 }
                 Err(e) => {
                     // The copy never existed: drop the references it took,
-                    // as a delete would.
+                    // as a delete would. Marked deleted under the state
+                    // lock first, as `delete_volume` does: a writer that
+                    // opened the copy meanwhile checks it under this lock
+                    // and would otherwise map blocks of a deleted volume.
+                    dst.deleted.store(true, Ordering::SeqCst);
                     let undone = (|| {
                         for (lba, _) in tx.mapped_range(dst.id, 0, u64::MAX)? {
                             tx.set_block(dst.id, lba, None)?;
@@ -1165,7 +1184,7 @@ impl Inner {
         meta.entries.apply(&blocks, &ov);
         if let Some(f) = &meta.block_filter {
             for &id in &ov.deleted_volumes {
-                f.drop_volume(id);
+                f.untrack(id);
             }
         }
         // Blocks whose record died can only be read again if the same

@@ -381,17 +381,18 @@ impl Meta {
         Ok(out)
     }
 
-    /// Put every key of the record index into `filter`, then mark it ready.
-    /// Gives up (filter left not ready) when `stop` says so.
+    /// Put every key of the record index into `filter`, then mark it ready;
+    /// returns how many. `None` when `stop` said to give up (the filter is
+    /// left not ready: every answer "maybe").
     pub fn fill_record_filter(
         &self,
         filter: &RecordFilter,
         stop: impl Fn() -> bool,
-    ) -> Result<u64> {
+    ) -> Result<Option<u64>> {
         let mut n = 0u64;
         for kv in self.records.iter() {
             if n.is_multiple_of(65536) && stop() {
-                return Ok(n);
+                return Ok(None);
             }
             let (k, _) = kv.into_inner()?;
             let key = BlockKey::decode(&k)
@@ -400,17 +401,21 @@ impl Meta {
             n += 1;
         }
         filter.mark_ready();
-        Ok(n)
+        Ok(Some(n))
     }
 
     /// Set the bit of every block the block map holds, then mark the
-    /// filter ready. Gives up (filter left not ready) when `stop` says so.
-    pub fn fill_block_filter(&self, filter: &BlockFilter, stop: impl Fn() -> bool) -> Result<u64> {
+    /// filter ready; as `fill_record_filter` otherwise.
+    pub fn fill_block_filter(
+        &self,
+        filter: &BlockFilter,
+        stop: impl Fn() -> bool,
+    ) -> Result<Option<u64>> {
         let mut n = 0u64;
         let mut run: Vec<(u32, u64)> = Vec::with_capacity(4096);
         for kv in self.blocks.iter() {
             if n.is_multiple_of(65536) && stop() {
-                return Ok(n);
+                return Ok(None);
             }
             let k = kv.key()?;
             run.push(
@@ -424,7 +429,7 @@ impl Meta {
         }
         filter.insert(run);
         filter.mark_ready();
-        Ok(n)
+        Ok(Some(n))
     }
 
     pub fn load_segments(&self) -> Result<Vec<(SegmentId, SegmentRecord)>> {

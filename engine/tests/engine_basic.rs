@@ -192,6 +192,10 @@ async fn flushed_data_survives_reopen_and_stats_count_dedup_and_compression() {
             (s.unique_bytes, s.stored_bytes, s.logical_bytes)
         );
         assert!(s2.record_filter_bytes > 0, "{s2:?}");
+        assert!(
+            s2.block_filter_bytes > 0,
+            "loaded from the block map: {s2:?}"
+        );
         // Content stored before the reopen is still found by dedup: the
         // record filter was loaded from the index, not started empty.
         let y = e.open_volume("y").unwrap();
@@ -202,7 +206,6 @@ async fn flushed_data_survives_reopen_and_stats_count_dedup_and_compression() {
         assert_eq!(s3.logical_bytes, s.logical_bytes + 64 * 4096);
         // Blocks mapped before the reopen are overwritten, not mapped again:
         // the block filter was loaded from the block map, not started empty.
-        assert!(s3.block_filter_bytes > 0, "{s3:?}");
         let x = e.open_volume("x").unwrap();
         let other: Vec<u8> = (100..164).flat_map(|i| block(i, 4096, 0)).collect();
         x.write(0, Bytes::from(other), false).await.unwrap();
@@ -210,6 +213,63 @@ async fn flushed_data_survives_reopen_and_stats_count_dedup_and_compression() {
         assert_eq!(e.volume_info("x").unwrap().mapped_bytes, 64 * 4096);
         assert_eq!(e.node_stats().logical_bytes, s3.logical_bytes);
         drop((x, y));
+        e.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+/// Mapped bytes, logical and unique bytes after overwriting blocks of
+/// volumes whose block filter is over budget, untracked (a snapshot) or
+/// tracked: every overwrite found its old mapping and dropped its reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrites_find_old_mappings_past_the_block_filter_budget() {
+    for_each_backend(|b| async move {
+        let h = Harness::new(b);
+        let mut cfg = h.config();
+        // Bits for two 4 MiB regions; "a" spans four.
+        cfg.block_filter_bytes = Some(2 * 176);
+        let e = h.open_with(cfg.clone()).await;
+        e.create_volume("a", opts(16 << 20)).await.unwrap();
+        e.create_volume("b", opts(16 << 20)).await.unwrap();
+        let regions = [0u64, 1 << 22, 2 << 22, 3 << 22];
+        let write_all = |e: Engine, seed: u64| async move {
+            let (a, b) = (e.open_volume("a").unwrap(), e.open_volume("b").unwrap());
+            for (i, off) in regions.iter().enumerate() {
+                let data = Bytes::from(block(seed + i as u64, 4096, 0));
+                a.write(*off, data, false).await.unwrap();
+            }
+            let data = Bytes::from(block(seed + 10, 4096, 0));
+            b.write(3 << 22, data, false).await.unwrap();
+            e.flush().await.unwrap();
+        };
+        write_all(e.clone(), 0).await;
+        e.snapshot("a", "a1").await.unwrap();
+        e.clone_snapshot("a1", "a2").await.unwrap();
+        let check = |e: Engine, unique_blocks: u64| async move {
+            for (name, blocks) in [("a", 4), ("b", 1), ("a1", 4), ("a2", 4)] {
+                let mapped = e.volume_info(name).unwrap().mapped_bytes;
+                assert_eq!(mapped, blocks * 4096, "{name}");
+            }
+            let s = e.node_stats();
+            assert_eq!(s.logical_bytes, 13 * 4096, "{s:?}");
+            assert_eq!(s.unique_bytes, unique_blocks * 4096, "{s:?}");
+            let a1 = e.open_volume("a1").unwrap();
+            let got = a1.read(regions[3], 4096).await.unwrap().data;
+            assert_eq!(
+                &got[..],
+                &block(3, 4096, 0)[..],
+                "the snapshot keeps the old block"
+            );
+        };
+        // a's first contents (shared with a1 and a2), a's new ones, b's new one.
+        write_all(e.clone(), 100).await;
+        check(e.clone(), 4 + 4 + 1).await;
+        e.shutdown().await.unwrap();
+        drop(e);
+        // Reopened: the start-up scan meets the same budget.
+        let e = h.open_with(cfg).await;
+        write_all(e.clone(), 200).await;
+        check(e.clone(), 4 + 4 + 1).await;
         e.shutdown().await.unwrap();
     })
     .await;
