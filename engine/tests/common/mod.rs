@@ -35,6 +35,8 @@ pub struct Harness {
     pub disk_size: u64,
     pub segment_size: u32,
     pub cleaner: bool,
+    /// `EngineConfig::block_filter_bytes` (None: the engine's default).
+    pub block_filter_bytes: Option<u64>,
     sims: Arc<Mutex<HashMap<PathBuf, Arc<CrashSimDisk>>>>,
 }
 
@@ -46,6 +48,7 @@ impl Harness {
             disk_size: 256 << 20,
             segment_size: 1 << 20,
             cleaner: false,
+            block_filter_bytes: None,
             sims: Arc::default(),
         }
     }
@@ -62,6 +65,7 @@ impl Harness {
         }];
         cfg.segment_size = self.segment_size;
         cfg.cleaner = self.cleaner;
+        cfg.block_filter_bytes = self.block_filter_bytes;
         // Tests decide when commits happen.
         cfg.commit_interval = Duration::from_secs(3600);
         cfg.meta_cache_bytes = 8 << 20;
