@@ -51,6 +51,28 @@ struct Bits {
     ready: bool,
 }
 
+/// What the filter can say about one volume's blocks.
+enum View<'a> {
+    /// Not ready, or the volume is untracked.
+    AllMaybe,
+    /// Ready, and nothing of this volume was ever committed.
+    NoneMapped,
+    Chunks(&'a Chunks),
+}
+
+impl Bits {
+    fn view(&self, volume: u32) -> View<'_> {
+        if !self.ready {
+            return View::AllMaybe;
+        }
+        match self.volumes.get(&volume) {
+            None => View::NoneMapped,
+            Some(VolumeBits::Untracked) => View::AllMaybe,
+            Some(VolumeBits::Tracked(m)) => View::Chunks(m),
+        }
+    }
+}
+
 pub(crate) struct BlockFilter {
     bits: RwLock<Bits>,
     max_chunks: usize,
@@ -174,17 +196,13 @@ impl BlockFilter {
     /// mapping; the others certainly have none. One lock hold for the run.
     pub fn retain_maybe_mapped(&self, volume: u32, lba0: u64, at: &mut Vec<usize>) {
         let b = self.bits.read();
-        if !b.ready {
-            return;
-        }
-        let chunks = match b.volumes.get(&volume) {
-            // Nothing of this volume was ever committed.
-            None => {
+        let chunks = match b.view(volume) {
+            View::AllMaybe => return,
+            View::NoneMapped => {
                 at.clear();
                 return;
             }
-            Some(VolumeBits::Untracked) => return,
-            Some(VolumeBits::Tracked(m)) => m,
+            View::Chunks(m) => m,
         };
         let mut last: Option<(u64, Option<&Chunk>)> = None;
         at.retain(|&i| {
@@ -204,16 +222,14 @@ impl BlockFilter {
     /// `false` only when the block certainly has no committed mapping.
     pub fn may_be_mapped(&self, volume: u32, lba: u64) -> bool {
         let b = self.bits.read();
-        if !b.ready {
-            return true;
-        }
-        let (c, w, bit) = chunk_of(lba);
-        match b.volumes.get(&volume) {
-            None => false,
-            Some(VolumeBits::Untracked) => true,
-            Some(VolumeBits::Tracked(m)) => m
-                .get(&c)
-                .is_some_and(|ch| ch[w].load(Ordering::Relaxed) & bit != 0),
+        match b.view(volume) {
+            View::AllMaybe => true,
+            View::NoneMapped => false,
+            View::Chunks(m) => {
+                let (c, w, bit) = chunk_of(lba);
+                m.get(&c)
+                    .is_some_and(|ch| ch[w].load(Ordering::Relaxed) & bit != 0)
+            }
         }
     }
 

@@ -570,7 +570,7 @@ impl Engine {
             }
         };
         if let Err(e) = r {
-            dst.deleted.store(true, Ordering::SeqCst);
+            // Marked deleted above, under the state lock.
             self.inner.catalog.write().remove(name);
             return Err(e);
         }

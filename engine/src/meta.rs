@@ -389,19 +389,16 @@ impl Meta {
         filter: &RecordFilter,
         stop: impl Fn() -> bool,
     ) -> Result<Option<u64>> {
-        let mut n = 0u64;
-        for kv in self.records.iter() {
-            if n.is_multiple_of(65536) && stop() {
-                return Ok(None);
-            }
-            let (k, _) = kv.into_inner()?;
-            let key = BlockKey::decode(&k)
+        let n = Meta::scan_keys(&self.records, stop, |k| {
+            let key = BlockKey::decode(k)
                 .ok_or_else(|| EngineError::CorruptMeta("record index key".into()))?;
             filter.insert(&key);
-            n += 1;
+            Ok(())
+        })?;
+        if n.is_some() {
+            filter.mark_ready();
         }
-        filter.mark_ready();
-        Ok(Some(n))
+        Ok(n)
     }
 
     /// Set the bit of every block the block map holds, then mark the
@@ -411,24 +408,39 @@ impl Meta {
         filter: &BlockFilter,
         stop: impl Fn() -> bool,
     ) -> Result<Option<u64>> {
-        let mut n = 0u64;
         let mut run: Vec<(u32, u64)> = Vec::with_capacity(4096);
-        for kv in self.blocks.iter() {
-            if n.is_multiple_of(65536) && stop() {
-                return Ok(None);
-            }
-            let k = kv.key()?;
+        let n = Meta::scan_keys(&self.blocks, stop, |k| {
             run.push(
-                crate::key::decode_map_key(&k)
+                crate::key::decode_map_key(k)
                     .ok_or_else(|| EngineError::CorruptMeta("block map key".into()))?,
             );
             if run.len() == run.capacity() {
                 filter.insert(run.drain(..));
             }
+            Ok(())
+        })?;
+        if n.is_some() {
+            filter.insert(run);
+            filter.mark_ready();
+        }
+        Ok(n)
+    }
+
+    /// `each` key of `ks` in order; how many, or `None` once `stop` (asked
+    /// every 64 Ki keys) says to give up.
+    fn scan_keys(
+        ks: &Keyspace,
+        stop: impl Fn() -> bool,
+        mut each: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<Option<u64>> {
+        let mut n = 0u64;
+        for kv in ks.iter() {
+            if n.is_multiple_of(65536) && stop() {
+                return Ok(None);
+            }
+            each(&kv.key()?)?;
             n += 1;
         }
-        filter.insert(run);
-        filter.mark_ready();
         Ok(Some(n))
     }
 
