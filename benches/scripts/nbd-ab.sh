@@ -12,7 +12,8 @@
 # randread 4k qd32, randwrite 4k qd32 and write 1m qd8 for SECONDS each
 # (--randrepeat=0: a rerun writes new content, not dedup hits). Prints one
 # line per run: MB/s and ms of ballastd CPU per MB for 1 MiB workloads,
-# IOPS and µs of ballastd CPU per I/O for 4 KiB ones.
+# IOPS and µs of ballastd CPU per I/O for 4 KiB ones. WORKLOADS replaces
+# the list, e.g. WORKLOADS="randread 4k 1;read 1m 8".
 set -euo pipefail
 work=$1; secs=$2; rounds=$3; shift 3; bins=("$@")
 mkdir -p "$work"
@@ -21,7 +22,7 @@ cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
 [ -f "$work/fill.bin" ] || head -c 1G /dev/urandom >"$work/fill.bin"
 pid=
 trap '[ -n "$pid" ] && kill $pid 2>/dev/null; wait 2>/dev/null || true' EXIT
-wls=("read 1m 8" "randread 4k 32" "randwrite 4k 32" "write 1m 8")
+IFS=';' read -r -a wls <<<"${WORKLOADS:-read 1m 8;randread 4k 32;randwrite 4k 32;write 1m 8}"
 for r in $(seq "$rounds"); do
   for bin in "${bins[@]}"; do
     rm -rf "$work/data"

@@ -41,16 +41,24 @@ impl ReadCache {
         }
     }
 
-    pub fn insert(&self, key: BlockKey, block: Bytes) {
-        if let Some(c) = &self.cache {
-            c.insert(key, block);
-        }
-    }
-
     /// Cache each block, grouped by shard.
     pub fn insert_many(&self, blocks: impl IntoIterator<Item = (BlockKey, Bytes)>) {
         if let Some(c) = &self.cache {
             c.update_many(blocks.into_iter().map(|(k, b)| (k, Some(b))));
+        }
+    }
+
+    /// Cache a written block only if that takes no eviction.
+    pub fn admit(&self, key: BlockKey, block: Bytes) {
+        if let Some(c) = &self.cache {
+            c.insert_if_room(key, block);
+        }
+    }
+
+    /// `admit` for each block, grouped by shard.
+    pub fn admit_many(&self, blocks: impl IntoIterator<Item = (BlockKey, Bytes)>) {
+        if let Some(c) = &self.cache {
+            c.insert_many_if_room(blocks);
         }
     }
 

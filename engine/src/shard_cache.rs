@@ -40,6 +40,8 @@ pub struct ShardCache<K, V, W> {
     /// Picks the shard; each shard's table hashes with its own seed, so the
     /// bits that chose the shard do not skew the table.
     pick: Hasher,
+    /// The shards' weighter, for inserts that must not evict.
+    weighter: W,
 }
 
 impl<K, V, W> ShardCache<K, V, W>
@@ -64,12 +66,22 @@ where
         ShardCache {
             shards,
             pick: Hasher::default(),
+            weighter,
         }
     }
 
     fn shard_of(&self, key: &K) -> usize {
         // The high bits: foldhash mixes them best.
         (self.pick.hash_one(key) >> 58) as usize % SHARDS
+    }
+
+    /// `items` split by shard, each list in the order given.
+    fn by_shard<T>(&self, items: impl IntoIterator<Item = (K, T)>) -> [Vec<(K, T)>; SHARDS] {
+        let mut by_shard: [Vec<(K, T)>; SHARDS] = Default::default();
+        for (k, t) in items {
+            by_shard[self.shard_of(&k)].push((k, t));
+        }
+        by_shard
     }
 
     pub fn get(&self, key: &K) -> Option<V> {
@@ -105,6 +117,34 @@ where
                 if shard[i] as usize == s {
                     if let Some(v) = cache.get(k) {
                         with(i, v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inserts `key` only if its shard has room for it as it is: never
+    /// evicts. (Room is per shard, so a check of the total weight against
+    /// the total capacity says "room" while every shard is full but for a
+    /// fraction of an entry.)
+    pub fn insert_if_room(&self, key: K, value: V) {
+        let weight = self.weighter.weight(&key, &value);
+        let mut cache = self.shards[self.shard_of(&key)].write();
+        if cache.weight() + weight <= cache.capacity() {
+            cache.insert(key, value);
+        }
+    }
+
+    /// `insert_if_room` for each entry, grouped by shard, at most
+    /// `HOLD_KEYS` per lock hold.
+    pub fn insert_many_if_room(&self, entries: impl IntoIterator<Item = (K, V)>) {
+        for (lock, list) in self.shards.iter().zip(self.by_shard(entries)) {
+            let mut list = list.into_iter().peekable();
+            while list.peek().is_some() {
+                let mut cache = lock.write();
+                for (k, v) in list.by_ref().take(HOLD_KEYS) {
+                    if cache.weight() + self.weighter.weight(&k, &v) <= cache.capacity() {
+                        cache.insert(k, v);
                     }
                 }
             }
@@ -157,11 +197,7 @@ where
         new: impl Fn() -> V,
         mut change: impl FnMut(&mut V, T),
     ) {
-        let mut by_shard: [Vec<(K, T)>; SHARDS] = Default::default();
-        for (k, t) in items {
-            by_shard[self.shard_of(&k)].push((k, t));
-        }
-        for (lock, list) in self.shards.iter().zip(by_shard) {
+        for (lock, list) in self.shards.iter().zip(self.by_shard(items)) {
             let mut list = list.into_iter().peekable();
             while list.peek().is_some() {
                 let mut cache = lock.write();
@@ -273,6 +309,23 @@ mod tests {
         c.get_many_with(&[3, 9, 2], |i, v| lent.push((i, v.len())));
         lent.sort();
         assert_eq!(lent, vec![(0, 2), (2, 1)]);
+    }
+
+    #[test]
+    fn inserts_if_room_never_evict() {
+        let c: ShardCache<u64, u64, UnitWeighter> = ShardCache::new(400, 400, UnitWeighter);
+        c.insert_many_if_room((0..1000u64).map(|i| (i, i)));
+        let held = c.len();
+        assert!(held <= 400, "{held} entries held");
+        let kept: Vec<u64> = (0..1000u64).filter(|k| c.get(k).is_some()).collect();
+        assert_eq!(kept.len(), held);
+        // Full shards refuse everything after: nothing already held leaves.
+        for k in 1000..2000u64 {
+            c.insert_if_room(k, k);
+        }
+        c.insert_many_if_room((2000..3000u64).map(|i| (i, i)));
+        assert_eq!(c.len(), held);
+        assert!(kept.iter().all(|k| c.get(k) == Some(*k)));
     }
 
     #[test]

@@ -3,10 +3,9 @@
 
 mod common;
 
-use ballast_engine::io::{AlignedBuf, DiskIo};
 use ballast_engine::{Compression, EngineError, VolumeOptions};
 use bytes::Bytes;
-use common::{block, Backend, Harness};
+use common::{block, corrupt_record_of, Backend, Harness};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_byte_is_an_error_not_wrong_data() {
@@ -30,23 +29,7 @@ async fn flipped_byte_is_an_error_not_wrong_data() {
         e.shutdown().await.unwrap();
         drop(e);
 
-        // Find the victim's record on the disk: its blake3 hash is in the header.
-        let disk = h.sim(0).unwrap();
-        let hash = blake3::hash(&victim);
-        let mut found = None;
-        let mut at = 1u64 << 20;
-        while found.is_none() && at < disk.len() {
-            let (buf, r) = disk.read_at(AlignedBuf::zeroed(1 << 20), at).await;
-            r.unwrap();
-            found = buf
-                .windows(32)
-                .position(|w| w == hash.as_bytes())
-                .map(|p| at + p as u64);
-            at += 1 << 20;
-        }
-        let hash_at = found.expect("record header on disk");
-        // Header: hash at byte 24; the payload starts at byte 64 of the record.
-        disk.flip_byte(hash_at - 24 + 64 + 100);
+        corrupt_record_of(&h, 0, &victim).await;
 
         let e = h.open().await;
         let v = e.open_volume("v").unwrap();

@@ -4,7 +4,7 @@ mod common;
 
 use ballast_engine::{Compression, Engine, EngineError, Volume, VolumeOptions};
 use bytes::Bytes;
-use common::{backends, block, Backend, Harness};
+use common::{backends, block, corrupt_record_of, Backend, Harness};
 
 fn opts(size: u64) -> VolumeOptions {
     VolumeOptions::new(size)
@@ -432,7 +432,7 @@ async fn disks_of_other_pools_are_refused_and_disks_can_be_added_live() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_fill_the_read_cache_but_streams_never_evict() {
+async fn writes_fill_free_read_cache_room_and_large_ones_only_whole() {
     let h = Harness::new(Backend::Sim);
     // Room for 2 MiB of blocks (each weighs 4 KiB plus bookkeeping).
     let (e, v) = with_read_cache(&h, 2 << 20, 8 << 20).await;
@@ -450,13 +450,56 @@ async fn writes_fill_the_read_cache_but_streams_never_evict() {
         .await
         .unwrap();
     assert_eq!(e.node_stats().read_cache_bytes, after_first);
-    // Small writes are always cached (read after write from memory).
+    // Small writes fit in the room left (read after write from memory).
     let small: Vec<u8> = (5000..5004).flat_map(|i| block(i, 4096, 0)).collect();
     v.write(4 << 20, Bytes::from(small.clone()), false)
         .await
         .unwrap();
     assert_eq!(v.read(4 << 20, 4 * 4096).await.unwrap().data, small);
     assert_eq!(v.read(0, 1 << 20).await.unwrap().data, first);
+    e.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_into_a_full_read_cache_go_around_it() {
+    let h = Harness::new(Backend::Sim);
+    let (e, v) = with_read_cache(&h, 1 << 20, 8 << 20).await;
+    let first = block(7, 4096, 0);
+    v.write(0, Bytes::from(first.clone()), false).await.unwrap();
+    // Three times the cache's size in single-block writes: the cache fills
+    // up, then the writes pass it by instead of evicting.
+    let late = |lba: u64| block(10_000 + lba, 4096, 0);
+    for lba in 1..=768u64 {
+        v.write(lba * 4096, Bytes::from(late(lba)), false)
+            .await
+            .unwrap();
+    }
+    // The newest single-block write: an evicting cache would hold it now.
+    let newest = block(77_777, 4096, 0);
+    v.write(900 * 4096, Bytes::from(newest.clone()), false)
+        .await
+        .unwrap();
+    // Seal and write out its segment (no segment image left to read it
+    // from) with large writes over mapped blocks, which never enter the
+    // cache.
+    for mib in 0..2u64 {
+        v.write(
+            4096 + (mib << 20),
+            Bytes::from(mib_of_blocks(50_000 + mib * 256)),
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    e.flush().await.unwrap();
+    let held = e.node_stats().read_cache_bytes;
+    assert!(held <= 1 << 20, "within its budget: {held}");
+    // Rot both records on disk: only a cached block still reads.
+    corrupt_record_of(&h, 0, &first).await;
+    corrupt_record_of(&h, 0, &newest).await;
+    assert_eq!(v.read(0, 4096).await.unwrap().data, first);
+    let err = v.read(900 * 4096, 4096).await.unwrap_err();
+    assert!(matches!(err, EngineError::Checksum { .. }), "{err}");
     e.shutdown().await.unwrap();
 }
 

@@ -2,7 +2,7 @@
 //! crash-simulation disks that survive an engine being dropped.
 #![allow(dead_code)]
 
-use ballast_engine::io::{BackendChoice, CrashSimDisk, DiskIo, IoEngine};
+use ballast_engine::io::{AlignedBuf, BackendChoice, CrashSimDisk, DiskIo, IoEngine};
 use ballast_engine::{DiskSpec, Engine, EngineConfig};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -123,6 +123,25 @@ impl Harness {
 }
 
 /// Deterministic block content: `kind` 0 = incompressible, 1 = compressible.
+/// Flips a byte in the stored payload of the record holding `content`
+/// (found by its blake3 hash, which is in the record header at byte 24;
+/// the payload starts at byte 64), on simulated disk `n`.
+pub async fn corrupt_record_of(h: &Harness, n: usize, content: &[u8]) {
+    let disk = h.sim(n).expect("a simulated disk");
+    let hash = blake3::hash(content);
+    let mut at = 1u64 << 20;
+    while at < disk.len() {
+        let (buf, r) = disk.read_at(AlignedBuf::zeroed(1 << 20), at).await;
+        r.unwrap();
+        if let Some(p) = buf.windows(32).position(|w| w == hash.as_bytes()) {
+            disk.flip_byte(at + p as u64 - 24 + 64 + 100);
+            return;
+        }
+        at += 1 << 20;
+    }
+    panic!("no record of that content on disk {n}");
+}
+
 pub fn block(seed: u64, len: usize, kind: u8) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len);
