@@ -57,8 +57,9 @@ pub struct Args {
     /// Memory for caching decoded blocks for reads: a size (K/M/G suffixes; 0 disables) or `auto`,
     /// a quarter of the memory this process may use (RAM, or the cgroup limit when lower), at least
     /// 256M. Shared by all volumes; deduplicated blocks are cached once. It fills only as blocks are
-    /// read or written (writes over 256 KiB only into unmapped blocks and while it has free room:
-    /// streams never evict, and rewrites of old data do not churn it).
+    /// read or written. Written blocks enter only where it has free room (a write never evicts; once
+    /// it is full, written blocks enter when read), writes over 256 KiB only whole and only into
+    /// unmapped blocks (rewrites of old data do not churn it).
     #[arg(long, default_value = "auto", value_name = "SIZE|auto", value_parser = parse_cache_arg)]
     pub read_cache: ReadCacheArg,
     /// Log output format.
