@@ -128,9 +128,12 @@ where
     /// the total capacity says "room" while every shard is full but for a
     /// fraction of an entry.)
     pub fn insert_if_room(&self, key: K, value: V) {
-        let weight = self.weighter.weight(&key, &value);
         let mut cache = self.shards[self.shard_of(&key)].write();
-        if cache.weight() + weight <= cache.capacity() {
+        self.insert_into_if_room(&mut cache, key, value);
+    }
+
+    fn insert_into_if_room(&self, cache: &mut Cache<K, V, W, Hasher>, key: K, value: V) {
+        if cache.weight() + self.weighter.weight(&key, &value) <= cache.capacity() {
             cache.insert(key, value);
         }
     }
@@ -143,16 +146,10 @@ where
             while list.peek().is_some() {
                 let mut cache = lock.write();
                 for (k, v) in list.by_ref().take(HOLD_KEYS) {
-                    if cache.weight() + self.weighter.weight(&k, &v) <= cache.capacity() {
-                        cache.insert(k, v);
-                    }
+                    self.insert_into_if_room(&mut cache, k, v);
                 }
             }
         }
-    }
-
-    pub fn insert(&self, key: K, value: V) {
-        self.shards[self.shard_of(&key)].write().insert(key, value);
     }
 
     /// Insert (`Some`) or remove (`None`) each entry, grouped by shard. The
@@ -249,7 +246,7 @@ mod tests {
     fn batch_lookups_find_what_single_ones_do() {
         let c: ShardCache<u64, u64, UnitWeighter> = ShardCache::new(10_000, 10_000, UnitWeighter);
         c.update_many((0..1000u64).map(|i| (i, Some(i * 3))));
-        c.insert(5000, 7);
+        c.update_many([(5000, Some(7))]);
         let keys: Vec<u64> = (990..1010).chain([5000]).collect();
         let mut got = vec![None; keys.len()];
         c.get_many(&keys, |i, v| got[i] = Some(v));
@@ -297,7 +294,7 @@ mod tests {
     #[test]
     fn modify_many_creates_and_changes_values_in_place() {
         let c: ShardCache<u64, Vec<u64>, UnitWeighter> = ShardCache::new(1000, 1000, UnitWeighter);
-        c.insert(1, vec![100]);
+        c.update_many([(1, Some(vec![100]))]);
         // Runs of one key, a key seen again after another, and new keys.
         let items = [(1, 1), (1, 2), (2, 3), (1, 4), (3, 5), (3, 6)];
         c.modify_many(items, Vec::new, |v, t| v.push(t));

@@ -330,13 +330,12 @@ impl Volume {
         buf[at..at + data.len()].copy_from_slice(data);
         let buf = Bytes::from(buf);
         match self.write_blocks(first, &buf, Some(late)) {
+            Ok(_) => {}
             Err(EngineError::NoSpace) => {
                 self.inner.make_space().await?;
                 self.write_blocks(first, &buf, Some(late))?;
             }
-            r => {
-                r?;
-            }
+            Err(e) => return Err(e),
         }
         Ok(())
     }

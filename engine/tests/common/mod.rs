@@ -122,7 +122,6 @@ impl Harness {
     }
 }
 
-/// Deterministic block content: `kind` 0 = incompressible, 1 = compressible.
 /// Flips a byte in the stored payload of the record holding `content`
 /// (found by its blake3 hash, which is in the record header at byte 24;
 /// the payload starts at byte 64), on simulated disk `n`.
@@ -142,6 +141,7 @@ pub async fn corrupt_record_of(h: &Harness, n: usize, content: &[u8]) {
     panic!("no record of that content on disk {n}");
 }
 
+/// Deterministic block content: `kind` 0 = incompressible, 1 = compressible.
 pub fn block(seed: u64, len: usize, kind: u8) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len);
