@@ -334,6 +334,30 @@ pub fn threads_report(pid: u32) -> String {
     out
 }
 
+/// Every thread's user-space backtrace of process `pid`, from gdb where it
+/// is installed (`.ci/run` installs it): the kernel stacks of
+/// [`threads_report`] end where a thread runs or waits in user space.
+pub fn user_stacks(pid: u32) -> String {
+    if find_in_path("gdb").is_none() {
+        return "(no user-space stacks: gdb is not installed)\n".into();
+    }
+    let out = run(
+        Command::new("gdb").args([
+            "-batch",
+            "-nx",
+            "-p",
+            &pid.to_string(),
+            "-ex",
+            "thread apply all bt 30",
+        ]),
+        Duration::from_secs(60),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // gdb's banner and symbol-loading chatter precede the first thread.
+    let stacks = text.find("\nThread ").map_or(&*text, |i| &text[i + 1..]);
+    format!("user-space stacks of pid {pid}:\n{stacks}\n")
+}
+
 /// The state letter of a /proc/PID/stat line: the first field after the
 /// parenthesised name (which may itself hold spaces and parentheses).
 fn stat_state(stat: &str) -> Option<&str> {
@@ -708,8 +732,10 @@ impl Node {
             Duration::from_secs(60),
             |cli| {
                 let mut r = threads_report(cli);
+                r += &user_stacks(cli);
                 if let Some(pid) = server {
                     r += &format!("ballastd: {}", threads_report(pid));
+                    r += &user_stacks(pid);
                 }
                 r += &blocked_processes();
                 r + &format!("ballastd log:\n{}", tail(&self.log(), 40))

@@ -8,7 +8,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A test's attachment context: its own state dir and mount point; undoes
 /// whatever is left attached on drop (before the node is killed).
@@ -356,6 +356,17 @@ fn fuse_survives_ballastd_restarts() {
     let b = random_bytes(4 * MIB as usize, 2);
     f.write_all_at(&b, 8 * MIB).unwrap();
     node.kill9();
+    // A program started now closes its inherited copy of `f` at exec: that
+    // close must not wait for ballastd to come back (it once waited for the
+    // whole 60 s reconnect window, and restart() below waited with it).
+    let t = Instant::now();
+    let st = run(&mut cmd("true", [] as [&str; 0]), Duration::from_secs(120)).status;
+    assert!(st.success(), "`true` failed: {st}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "starting a program while ballastd was down took {:?}: a close of the FUSE file waited for the reconnect",
+        t.elapsed()
+    );
     node.restart();
     let mut back = vec![0u8; b.len()];
     f.read_exact_at(&mut back, 8 * MIB).unwrap();

@@ -326,14 +326,16 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         // close(): flush only when something waits for it, so reading the
-        // file costs no FLUSH, and close() reports a lost write like fsync.
+        // file costs no FLUSH, and close() reports a lost write like fsync
+        // while ballastd answers; it never waits for a reconnect (see
+        // `Pool::flush_unless_down`).
         if ino != FILE_INO || !self.pool.dirty() {
             reply.ok();
             return;
         }
         let pool = self.pool.clone();
         self.rt.spawn(async move {
-            match pool.flush().await {
+            match pool.flush_unless_down().await {
                 Ok(()) => reply.ok(),
                 Err(e) => {
                     tracing::error!(error = %e, "flush on close failed");

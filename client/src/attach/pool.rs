@@ -600,6 +600,42 @@ impl Pool {
         self.dur().flush_done(mark)
     }
 
+    /// The flush of a `close()`: [`Pool::flush`] while the server answers,
+    /// but it never waits for a reconnect. With a connection down, a replay
+    /// pending or the connection lost by this very flush, it returns `Ok` at
+    /// once: the writes stay kept for the replay, and the next `fsync`
+    /// flushes them and reports a loss (the EIO rule). Every process that
+    /// inherited the file closes it at its `exec`, so a close that waited
+    /// would stall each program started meanwhile for the whole reconnect
+    /// window, including a ballastd started by a process holding the file:
+    /// a deadlock until the window ends.
+    pub async fn flush_unless_down(&self) -> Result<(), PoolError> {
+        if self.dur().replay {
+            return Ok(());
+        }
+        let live: Option<Vec<NbdClient>> = (0..self.slots.len())
+            .map(|i| {
+                let st = self.slot_state(i);
+                st.client.as_ref().filter(|c| c.is_open()).cloned()
+            })
+            .collect();
+        let Some(live) = live else {
+            return Ok(());
+        };
+        // A replay holds the gate exclusively (and may wait for a reconnect).
+        let Ok(_shared) = self.gate.try_read() else {
+            return Ok(());
+        };
+        let mark = self.dur().flush_started();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % live.len();
+        match live[i].flush().await {
+            Ok(()) => self.dur().flush_done(mark),
+            // The next request notices the loss and reconnects.
+            Err(e) if is_connection_error(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Flush, then disconnect every connection. New requests fail with
     /// [`PoolError::Closed`].
     pub async fn close(&self) -> Result<(), PoolError> {
