@@ -720,8 +720,10 @@ impl Node {
     }
 
     /// Run `ballast --api URL ARGS...` (60 s limit). A hang fails with the
-    /// threads of the CLI and of ballastd, the blocked processes and
-    /// ballastd's log: a volume create once hung in CI for no known reason.
+    /// threads of the CLI and of ballastd (kernel and, with gdb, user-space
+    /// stacks), the blocked processes and ballastd's log. What it found
+    /// once: CLI calls stuck in `exec` for 60 s, closing a FUSE file they
+    /// inherited from this process while another test's ballastd was down.
     pub fn cli(&self, args: &[&str]) -> Output {
         let server = self.child.as_ref().map(Child::id);
         run_reporting(
