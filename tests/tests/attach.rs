@@ -360,7 +360,7 @@ fn fuse_survives_ballastd_restarts() {
     // close must not wait for ballastd to come back (it once waited for the
     // whole 60 s reconnect window, and restart() below waited with it).
     let t = Instant::now();
-    let st = run(&mut cmd("true", [] as [&str; 0]), Duration::from_secs(120)).status;
+    let st = run(&mut Command::new("true"), Duration::from_secs(120)).status;
     assert!(st.success(), "`true` failed: {st}");
     assert!(
         t.elapsed() < Duration::from_secs(20),

@@ -377,17 +377,23 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Slot `i`'s client and generation while it is connected; else `Err`
+    /// with the generation a reconnect replaces.
+    fn live_client(&self, i: usize) -> Result<(u64, NbdClient), u64> {
+        let st = self.slot_state(i);
+        match &st.client {
+            Some(c) if c.is_open() => Ok((st.generation, c.clone())),
+            _ => Err(st.generation),
+        }
+    }
+
     /// A live client of slot `i` and its generation, reconnecting if needed.
     async fn client(&self, i: usize) -> Result<(u64, NbdClient), PoolError> {
         loop {
-            let generation = {
-                let st = self.slot_state(i);
-                match &st.client {
-                    Some(c) if c.is_open() => return Ok((st.generation, c.clone())),
-                    _ => st.generation,
-                }
-            };
-            self.recover(i, generation).await?;
+            match self.live_client(i) {
+                Ok(live) => return Ok(live),
+                Err(generation) => self.recover(i, generation).await?,
+            }
         }
     }
 
@@ -613,13 +619,10 @@ impl Pool {
         if self.dur().replay {
             return Ok(());
         }
-        let live: Option<Vec<NbdClient>> = (0..self.slots.len())
-            .map(|i| {
-                let st = self.slot_state(i);
-                st.client.as_ref().filter(|c| c.is_open()).cloned()
-            })
-            .collect();
-        let Some(live) = live else {
+        let Ok(live) = (0..self.slots.len())
+            .map(|i| self.live_client(i).map(|(_, c)| c))
+            .collect::<Result<Vec<_>, _>>()
+        else {
             return Ok(());
         };
         // A replay holds the gate exclusively (and may wait for a reconnect).
