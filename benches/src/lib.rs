@@ -4,10 +4,10 @@
 //! (`memory_scale`), foreground throughput under cleaning
 //! (`cleaner_throttle`) and writes per CPU-second (`write_cpu`). Shared helpers for those binaries are here.
 
-/// The allocator ballastd uses (see server/src/main.rs), so that the
-/// harness measures the engine as the daemon runs it.
+/// The allocator ballastd uses, with its settings (`runtime` applies them),
+/// so that the harness measures the engine as the daemon runs it.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ballast_server::allocator::Allocator = ballast_server::allocator::Allocator;
 
 use ballast_engine::{DiskSpec, Engine, EngineConfig, Volume};
 use bytes::Bytes;
@@ -33,6 +33,8 @@ pub async fn open_engine(dir: &Path, disk_size: u64) -> anyhow::Result<Engine> {
 /// The runtime the benchmark binaries drive the engine with: two workers,
 /// like this machine's two cores and ballastd's default.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // Before the runtime's threads exist (see `allocator::configure`).
+    ballast_server::allocator::configure();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -6,6 +6,8 @@
 //! * [`control`]: the gRPC control plane; [`engine_control`] backs it with
 //!   the engine.
 //! * [`daemon`]: the command line and the start-up / shutdown sequence.
+//! * [`allocator`]: the process allocator and its settings.
+pub mod allocator;
 pub mod control;
 pub mod daemon;
 pub mod engine_control;

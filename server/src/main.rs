@@ -1,17 +1,11 @@
 use clap::Parser;
 
-// mimalloc rather than glibc's malloc: the write path allocates and frees
-// small buffers per block (hashes, records, metadata keys) from several
-// threads, and the engine's commits free large maps; glibc spent ~15% of a
-// write's CPU in malloc, free and consolidation (write_cpu, interleaved A/B:
-// +17% writes per CPU-second with mimalloc). It also keeps freed memory of
-// one thread reusable by others, so resident memory does not creep up with
-// per-thread arenas, and it serves 32 MiB write payloads from reused
-// segments rather than a fresh mmap (and kernel page zeroing) per request.
+// mimalloc, tuned: see `ballast_server::allocator`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ballast_server::allocator::Allocator = ballast_server::allocator::Allocator;
 
 fn main() -> std::process::ExitCode {
+    ballast_server::allocator::configure();
     let args = ballast_server::daemon::Args::parse();
     ballast_server::daemon::init_logging(args.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
