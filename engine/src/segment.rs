@@ -1,14 +1,15 @@
 //! The segment writer: records are packed densely into an in-memory image of
 //! the open segment and streamed to disk in large aligned writes.
 //!
-//! Full pages go out in the background once 1 MiB has accumulated; a commit
+//! Full pages go out in the background once 1 MiB has accumulated, as views
+//! of the image rather than copies (see `SharedBuf`); a commit
 //! pads the open segment to the next 4 KiB page and writes the tail, so no
 //! page that a commit made durable is ever written again (no torn rewrite of
 //! flushed data). A segment's image stays in memory until every write of it
 //! has completed, and reads of its records are served from that image.
 
 use crate::error::{EngineError, Result};
-use crate::io::{AlignedBuf, IO_ALIGN};
+use crate::io::{AlignedBuf, SharedBuf, IO_ALIGN};
 use crate::key::SegmentId;
 use crate::pool::{PoolDisk, Space};
 use std::collections::{BTreeSet, HashMap};
@@ -20,7 +21,10 @@ const STREAM_CHUNK: usize = 1 << 20;
 
 pub(crate) struct SegImage {
     pub id: SegmentId,
-    buf: AlignedBuf,
+    /// Written only at and after `issued` (records from `fill` on, and the
+    /// padding `pad` adds): everything before it is frozen, part of a write
+    /// in flight or done. While the segment is open, `issued <= fill`.
+    buf: SharedBuf,
     pub fill: usize,
     issued: usize,
     outstanding: Arc<AtomicUsize>,
@@ -121,7 +125,7 @@ impl Writer {
                 id,
                 // Recycled: records overwrite what they use, and the padding
                 // up to a page is zeroed before it is written (`pad`).
-                buf: AlignedBuf::recycled(self.segment_size),
+                buf: SharedBuf::new(AlignedBuf::recycled(self.segment_size)),
                 fill: 0,
                 issued: 0,
                 outstanding: Arc::new(AtomicUsize::new(0)),
@@ -133,7 +137,9 @@ impl Writer {
             .as_mut()
             .expect("open segment exists after allocation");
         let offset = open.fill;
-        fill(&mut open.buf[offset..offset + len]);
+        // SAFETY: `offset` is the open segment's fill, at or after `issued`,
+        // so no frozen view covers these bytes.
+        fill(unsafe { open.buf.slice_mut(offset..offset + len) });
         open.fill += len;
         open.unpublished.fetch_add(1, Ordering::Relaxed);
         let placed = Placed {
@@ -197,7 +203,9 @@ impl Writer {
             .find(|i| i.id == segment);
         match img {
             Some(i) if offset + out.len() <= i.buf.len() => {
-                out.copy_from_slice(&i.buf[offset..offset + out.len()]);
+                // SAFETY: images are written only through `&mut self`, so
+                // not while this shared borrow lives.
+                out.copy_from_slice(unsafe { i.buf.slice(offset..offset + out.len()) });
                 true
             }
             _ => false,
@@ -239,7 +247,9 @@ impl Writer {
 /// to a page boundary (the cleaner's walk relies on it).
 fn pad(img: &mut SegImage) -> usize {
     let upto = align_up(img.fill).min(img.buf.len());
-    img.buf[img.fill..upto].fill(0);
+    // SAFETY: `pad` runs on the open segment (or the one being sealed),
+    // whose fill is at or after `issued`: no frozen view covers the padding.
+    unsafe { img.buf.slice_mut(img.fill..upto) }.fill(0);
     upto
 }
 
@@ -261,8 +271,9 @@ fn issue_range(
         return None;
     };
     let start = img.issued;
-    let mut chunk = AlignedBuf::recycled(upto - start);
-    chunk.copy_from_slice(&img.buf[start..upto]);
+    // SAFETY: `start` is `issued` and moves past `upto` here: nothing
+    // before `issued` is ever written again (see `SegImage::buf`).
+    let chunk = unsafe { img.buf.frozen(start..upto) };
     img.issued = upto;
     let at = disk.segment_offset(img.id.index, segment_size) + start as u64;
     let outstanding = img.outstanding.clone();

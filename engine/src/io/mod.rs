@@ -9,7 +9,7 @@ pub mod crash_sim;
 mod threads;
 mod uring;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{AlignedBuf, SharedBuf};
 pub use crash_sim::CrashSimDisk;
 
 use std::future::Future;
