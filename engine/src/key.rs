@@ -4,10 +4,23 @@
 /// A block's identity: its blake3 hash plus a nonce. Dedup volumes use nonce 0
 /// (pure content addressing); volumes with dedup off get a fresh nonce per
 /// write, so identical content is stored again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BlockKey {
     pub hash: [u8; 32],
     pub nonce: u64,
+}
+
+/// Hash tables of block keys (the overlay, the entry cache, the read cache)
+/// hash 8 bytes instead of 40: the first 8 bytes of a blake3 hash are
+/// already uniformly distributed, and the nonce is mixed in so that the
+/// copies of one content in non-dedup volumes spread too. Equality still
+/// compares all 40 bytes. Hashing the whole key (foldhash over 32 bytes,
+/// then the nonce) was 1.5-2% of the engine's CPU under 4 KiB writes.
+impl std::hash::Hash for BlockKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let head = u64::from_le_bytes(self.hash[..8].try_into().expect("8 of 32 bytes"));
+        state.write_u64(head ^ self.nonce.rotate_left(32));
+    }
 }
 
 pub const BLOCK_KEY_LEN: usize = 40;
