@@ -32,6 +32,12 @@
 //!
 //! READ_CACHE_BYTES (default: the engine's 256 MiB) sizes the read cache,
 //! which every write of up to 256 KiB also fills; 0 measures without it.
+//!
+//! The pool is a 16 GiB sparse file (its size also sizes the record filter,
+//! so it stays fixed for comparable runs). A round holds the 2 GiB volume,
+//! whatever the fresh phase wrote, and the overwrites' garbage until the
+//! cleaner reclaims it: at ~130 k writes/s, SECS up to about 10 fits; a
+//! longer phase can end in ENOSPC, which stops the run with that error.
 
 use ballast_benches::Xorshift;
 use ballast_engine::{Compression, Engine, Volume, VolumeOptions};
