@@ -25,13 +25,6 @@ pub(crate) struct RecordFilter {
     ready: AtomicBool,
 }
 
-/// Keys are blake3 hashes, already uniform: 8 bytes of the hash, mixed with
-/// the nonce that tells copies in dedup-off volumes apart, identify one.
-fn item(key: &BlockKey) -> u64 {
-    let h = u64::from_le_bytes(key.hash[..8].try_into().expect("8 bytes"));
-    h ^ key.nonce.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 impl RecordFilter {
     /// A filter sized for a pool of `capacity_bytes`.
     pub fn for_capacity(capacity_bytes: u64) -> RecordFilter {
@@ -44,7 +37,7 @@ impl RecordFilter {
     }
 
     pub fn insert(&self, key: &BlockKey) {
-        self.bits.insert(&item(key));
+        self.bits.insert(&key.fingerprint());
     }
 
     /// Every key of the store has been inserted: negative answers are final.
@@ -58,7 +51,7 @@ impl RecordFilter {
 
     /// `false` only when `key` is certainly not in the committed index.
     pub fn may_contain(&self, key: &BlockKey) -> bool {
-        !self.is_ready() || self.bits.contains(&item(key))
+        !self.is_ready() || self.bits.contains(&key.fingerprint())
     }
 
     pub fn memory_bytes(&self) -> u64 {
