@@ -36,14 +36,10 @@
 //! (docs/benchmarks.md, session 11).
 
 use crate::key::{BlockKey, RecordMeta};
+use crate::record_cache::{RecordCache, ENTRY_BYTES};
 use crate::shard_cache::ShardCache;
 use crate::state::Overlay;
 use quick_cache::UnitWeighter;
-
-/// Bytes one cached record entry costs: key, value and the cache's
-/// bookkeeping (measured with `memory_scale`: resident memory rose ~1.8x
-/// the 96 bytes of keys and values a first estimate counted).
-const ENTRY_BYTES: u64 = 160;
 
 /// Consecutive blocks per cached group of block mappings: 16 blocks are a
 /// 64 KiB run at the default block size, so a 1 MiB request is 16 lookups,
@@ -113,7 +109,7 @@ pub(crate) struct EntryCache {
     /// would take a group's 648 bytes (`memory_scale 12` could not tell
     /// the two apart within its noise, nor `write_cpu`).
     blocks: Option<ShardCache<(u32, u64), Box<MapGroup>, UnitWeighter>>,
-    records: Option<ShardCache<BlockKey, Option<RecordMeta>, UnitWeighter>>,
+    records: Option<RecordCache>,
 }
 
 impl EntryCache {
@@ -129,7 +125,7 @@ impl EntryCache {
         }
         EntryCache {
             blocks: Some(ShardCache::new(groups, groups as u64, UnitWeighter)),
-            records: Some(ShardCache::new(records, records as u64, UnitWeighter)),
+            records: Some(RecordCache::new(records)),
         }
     }
 
@@ -181,12 +177,13 @@ impl EntryCache {
         });
     }
 
-    pub fn record(&self, key: &BlockKey) -> Option<Option<RecordMeta>> {
+    /// The committed record of `key`, if cached (absent records never are).
+    pub fn record(&self, key: &BlockKey) -> Option<RecordMeta> {
         self.records.as_ref()?.get(key)
     }
 
     /// `found(i, record)` for each `keys[i]` cached; one lock hold per shard.
-    pub fn records(&self, keys: &[BlockKey], found: impl FnMut(usize, Option<RecordMeta>)) {
+    pub fn records(&self, keys: &[BlockKey], found: impl FnMut(usize, RecordMeta)) {
         if let Some(c) = &self.records {
             c.get_many(keys, found);
         }
@@ -220,7 +217,7 @@ impl EntryCache {
             // looked up again only if its content is written again, and
             // caching its absence would push live records out under
             // overwrites (one dead per write).
-            c.update_many(ov.records.iter().map(|(&k, &v)| (k, v.map(Some))));
+            c.update_many(ov.records.iter().map(|(&k, &v)| (k, v)));
         }
     }
 
@@ -282,7 +279,7 @@ mod tests {
         assert_eq!(c.block(1, 7), Some(None));
         assert_eq!(c.block(1, 8), Some(Some(key(2))));
         assert_eq!(c.record(&key(1)), None, "dead records are dropped");
-        assert_eq!(c.record(&key(2)), Some(Some(meta(1))));
+        assert_eq!(c.record(&key(2)), Some(meta(1)));
         assert_eq!(c.len(), (1, 1), "blocks 7 and 8 share a group");
     }
 

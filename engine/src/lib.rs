@@ -13,6 +13,7 @@
 //! - `record_filter`: a Bloom filter that answers record-index misses in memory.
 //! - `block_filter`: a bitmap of the blocks that may have a committed mapping.
 //! - `entry_cache`: recently used committed block-map and record-index entries.
+//! - `record_cache`: the record half of it, a set-associative table.
 //! - `state`: the in-memory overlay of uncommitted metadata changes.
 //! - `engine`: opening/recovery, group commit, control operations, stats.
 //! - `volume`: the read and write paths of one volume.
@@ -35,6 +36,7 @@ mod meta;
 mod pool;
 mod read_cache;
 mod record;
+mod record_cache;
 mod record_filter;
 mod segment;
 // Public only for the criterion benchmark that compares it with

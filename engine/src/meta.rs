@@ -310,7 +310,7 @@ impl Meta {
     /// answer "maybe", is not asked.
     pub fn referenced_record(&self, key: &BlockKey) -> Result<Option<RecordMeta>> {
         match self.entries.record(key) {
-            Some(v) => Ok(v),
+            Some(m) => Ok(Some(m)),
             None => self.record_from_store(key),
         }
     }
@@ -323,11 +323,9 @@ impl Meta {
         mut found: impl FnMut(&BlockKey, RecordMeta),
     ) -> Result<()> {
         let mut cached = vec![false; keys.len()];
-        self.entries.records(keys, |i, v| {
+        self.entries.records(keys, |i, m| {
             cached[i] = true;
-            if let Some(m) = v {
-                found(&keys[i], m);
-            }
+            found(&keys[i], m);
         });
         for (k, _) in keys.iter().zip(cached).filter(|(_, c)| !c) {
             if let Some(m) = self.record_from_store(k)? {
