@@ -7,6 +7,7 @@
 //! - `superblock`: the versioned, checksummed header of each pool disk.
 //! - `pool`: the disks of a pool and the allocation of their segments.
 //! - `record`: the on-disk record (header, crc32, lz4 or raw payload).
+//! - `compress_probe`: skips lz4 on volumes whose writes do not compress.
 //! - `segment`: the writer that packs records into append-only segments.
 //! - `key`: block identities (blake3 + nonce) and metadata key encodings.
 //! - `meta`: the fjall metadata store (block maps, record index, segments).
@@ -26,6 +27,7 @@
 
 mod block_filter;
 mod cleaner;
+mod compress_probe;
 mod config;
 mod engine;
 mod entry_cache;

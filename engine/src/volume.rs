@@ -11,6 +11,7 @@
 //! serve records still in a segment image from memory, and read the rest with
 //! one aligned I/O per run of nearby records, checking every record's crc.
 
+use crate::compress_probe::CompressProbe;
 use crate::config::{Compression, VolumeInfo};
 use crate::engine::{Backlog, Engine, Inner};
 use crate::error::{EngineError, Result};
@@ -72,6 +73,8 @@ pub(crate) struct VolumeShared {
     pub deleted: AtomicBool,
     /// Serialises read-modify-write of partial blocks.
     rmw: tokio::sync::Mutex<()>,
+    /// Whether lz4 is worth trying on this volume's new blocks.
+    compress_probe: CompressProbe,
 }
 
 impl VolumeShared {
@@ -90,6 +93,7 @@ impl VolumeShared {
             generation: AtomicU64::new(r.generation),
             deleted: AtomicBool::new(false),
             rmw: tokio::sync::Mutex::new(()),
+            compress_probe: CompressProbe::default(),
         }
     }
 
@@ -395,7 +399,13 @@ impl Volume {
             let mut staged: Vec<(usize, record::Codec, Option<Vec<u8>>)> =
                 Vec::with_capacity(need.len());
             for &i in &need {
-                let (codec, c) = record::compress(&data[i * bs..(i + 1) * bs], lz4);
+                let key = keys[i].expect("blocks needing a record have a key");
+                let probe = &self.v.compress_probe;
+                let try_lz4 = lz4 && probe.should_try(&key.hash);
+                let (codec, c) = record::compress(&data[i * bs..(i + 1) * bs], try_lz4);
+                if try_lz4 {
+                    probe.tried(codec == record::Codec::Lz4);
+                }
                 staged.push((i, codec, c));
             }
             let mut placed: Vec<(BlockKey, RecordMeta)> = Vec::with_capacity(staged.len());
