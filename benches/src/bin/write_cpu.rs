@@ -4,8 +4,9 @@
 //! store's flushes and compactions, and the hashing took.
 //!
 //! Three phases of SECS seconds (default 5), each ROUNDS times (default 3),
-//! all random unique incompressible 4 KiB writes at queue depth 32 into
-//! dedup + lz4 volumes of a fresh engine:
+//! all unique 4 KiB writes at random offsets, queue depth 32 (incompressible
+//! unless asked otherwise, see below), into dedup + lz4 volumes of a fresh
+//! engine:
 //!
 //! 1. *overwrites, entries cached*: into a 2 GiB volume just filled with
 //!    1 MiB writes and flushed. Every write is an overwrite (the old mapping
@@ -28,10 +29,14 @@
 //! connection. CPU time is the whole process's (getrusage), split by thread
 //! name from /proc.
 //!
-//!     cargo run --release -p ballast-benches --bin write_cpu -- 3 5 [READ_CACHE_BYTES]
+//!     cargo run --release -p ballast-benches --bin write_cpu -- 3 5 [READ_CACHE_BYTES] [random|half]
 //!
 //! READ_CACHE_BYTES (default: the engine's 256 MiB) sizes the read cache,
 //! which every write of up to 256 KiB also fills; 0 measures without it.
+//! The last argument picks the blocks' content: `random` (the default),
+//! which lz4 cannot shrink, so volumes soon stop trying it (see the
+//! engine's `compress_probe`), or `half`: 2 KiB of random bytes then 2 KiB
+//! of zeros, which lz4 halves, so every block is compressed.
 //!
 //! The pool is a 16 GiB sparse file (its size also sizes the record filter,
 //! so it stays fixed for comparable runs). A round holds the 2 GiB volume,
@@ -90,13 +95,42 @@ fn cpu_by_thread() -> BTreeMap<String, f64> {
     out
 }
 
-/// Random unique 4 KiB writes at QD 32 for `secs`, on a runtime task; returns writes done.
-async fn random_writes(vol: Volume, seed: u64, secs: Duration) -> anyhow::Result<u64> {
+/// What the written blocks hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Content {
+    /// Random bytes: lz4 cannot shrink them.
+    Random,
+    /// 2 KiB of random bytes, then zeros: lz4 halves them.
+    Half,
+}
+
+impl std::str::FromStr for Content {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Content> {
+        match s {
+            "random" => Ok(Content::Random),
+            "half" => Ok(Content::Half),
+            _ => anyhow::bail!("block content must be `random` or `half`, not {s:?}"),
+        }
+    }
+}
+
+/// Unique 4 KiB writes at random offsets, QD 32, for `secs`, on a runtime
+/// task; returns writes done.
+async fn random_writes(
+    vol: Volume,
+    seed: u64,
+    secs: Duration,
+    content: Content,
+) -> anyhow::Result<u64> {
     tokio::spawn(async move {
         let mut g = Xorshift(seed | 1);
         let blocks = vol.size() / 4096;
         let mut template = vec![0u8; 4096];
         g.fill(&mut template);
+        if content == Content::Half {
+            template[2048..].fill(0);
+        }
         ballast_benches::write_for(&vol, secs, QD, || {
             let mut b = template.clone();
             b[..8].copy_from_slice(&g.next_u64().to_le_bytes());
@@ -118,9 +152,10 @@ async fn measure(
     vol: &Volume,
     seed: u64,
     secs: Duration,
+    content: Content,
 ) -> anyhow::Result<(Phase, BTreeMap<String, f64>)> {
     let (cpu0, threads0, t0) = (process_cpu(), cpu_by_thread(), Instant::now());
-    let n = random_writes(vol.clone(), seed, secs).await?;
+    let n = random_writes(vol.clone(), seed, secs, content).await?;
     let (cpu, wall) = (process_cpu() - cpu0, t0.elapsed().as_secs_f64());
     let mut threads = cpu_by_thread();
     for (name, s) in threads.iter_mut() {
@@ -142,6 +177,11 @@ fn main() -> anyhow::Result<()> {
     let rounds: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let secs = Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(5));
     let read_cache: Option<u64> = args.next().map(|s| s.parse()).transpose()?;
+    let content: Content = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(Content::Random);
     let rt = ballast_benches::runtime()?;
     rt.block_on(async {
         println!("| phase | round | writes/s | CPU cores busy | writes per CPU-second | CPU by thread (s) |");
@@ -169,7 +209,7 @@ fn main() -> anyhow::Result<()> {
                 ("3 overwrites, entries cold", w, round + 200),
             ];
             for (phase, vol, seed) in phases {
-                let (p, threads) = measure(&vol, seed, secs).await?;
+                let (p, threads) = measure(&vol, seed, secs, content).await?;
                 let split: Vec<String> = threads.iter().map(|(n, s)| format!("{n} {s:.2}")).collect();
                 println!(
                     "| {phase} | {round} | {:.0} | {:.2} | {:.0} | {} |",
