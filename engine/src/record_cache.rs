@@ -49,14 +49,20 @@ pub const ENTRY_BYTES: u64 = 69;
 /// A key and its record, as eight words (all zeros in an empty slot).
 type Slot = [u64; 8];
 
-fn encode(key: &BlockKey, m: &RecordMeta) -> Slot {
+/// The key as the first five words of its slot.
+fn key_words(key: &BlockKey) -> [u64; 5] {
     let w = |i: usize| u64::from_le_bytes(key.hash[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    [w(0), w(1), w(2), w(3), key.nonce]
+}
+
+fn encode(key: &BlockKey, m: &RecordMeta) -> Slot {
+    let [h0, h1, h2, h3, nonce] = key_words(key);
     [
-        w(0),
-        w(1),
-        w(2),
-        w(3),
-        key.nonce,
+        h0,
+        h1,
+        h2,
+        h3,
+        nonce,
         (m.segment.disk as u64) << 32 | m.segment.index as u64,
         (m.offset as u64) << 32 | m.stored_len as u64,
         (m.raw_len as u64) << 32 | m.refs as u64,
@@ -64,8 +70,7 @@ fn encode(key: &BlockKey, m: &RecordMeta) -> Slot {
 }
 
 fn holds(slot: &Slot, key: &BlockKey) -> bool {
-    let w = |i: usize| u64::from_le_bytes(key.hash[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    slot[0] == w(0) && slot[1] == w(1) && slot[2] == w(2) && slot[3] == w(3) && slot[4] == key.nonce
+    slot[..5] == key_words(key)
 }
 
 fn decode(slot: &Slot) -> RecordMeta {
