@@ -23,6 +23,7 @@
 //! the table costs memory only as inserts touch its pages.
 
 use crate::key::{BlockKey, RecordMeta, SegmentId};
+use crate::shard_cache::HOLD_KEYS;
 use parking_lot::RwLock;
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -278,9 +279,9 @@ impl RecordCache {
                 continue;
             }
             list.sort_by_key(|(_, _, m)| m.is_some());
-            // At most this many per lock hold, so readers never wait long
-            // behind a large commit.
-            for run in list.chunks(256) {
+            // As in `shard_cache`: a bounded run per lock hold, so readers
+            // never wait long behind a large commit.
+            for run in list.chunks(HOLD_KEYS) {
                 let mut shard = lock.write();
                 for (p, k, m) in run {
                     match m {

@@ -33,7 +33,7 @@ const SHARDS: usize = 4;
 
 /// Keys handled per lock hold in bulk inserts and removals, so a commit of a
 /// large overlay never keeps readers of a shard waiting for long.
-const HOLD_KEYS: usize = 256;
+pub(crate) const HOLD_KEYS: usize = 256;
 
 pub struct ShardCache<K, V, W> {
     shards: Box<[Shard<K, V, W>]>,
