@@ -147,20 +147,26 @@ impl Meta {
         // slower store misses (unmapped blocks of a fresh volume: ~15% fewer
         // writes per CPU-second there).
         //
-        // Level 0 is merged into level 1 at 8 tables instead of fjall's 4:
+        // Level 0 is merged into level 1 at 16 tables instead of fjall's 4:
         // random keys overlap all of level 1, so each merge rewrites it, and
-        // merging half as often took the background worker from 4.3 to
-        // 3.4 s per 12 s of overwrites (write_cpu, 3 rounds in turns: fresh
-        // volume 95.5 -> 100.6 k, overwrites 83.0 -> 85.7 k writes per
-        // CPU-second, medians). Point reads probe up to 8 level-0 tables,
-        // each with its own filter. fjall keeps a keyspace's settings from
-        // its creation: pools created before this keep 4.
+        // merging a quarter as often is most of what the background worker
+        // does under random writes. 4 -> 8 (session 13): worker 4.3 -> 3.4 s
+        // per 12 s of overwrites, fresh volume 95.5 -> 100.6 k and
+        // overwrites 83.0 -> 85.7 k writes per CPU-second. 8 -> 16
+        // (session 21, write_cpu 2 8 twice in turns): worker 2.9 -> 2.0 s
+        // (cached overwrites), 3.5 -> 2.7 s (fresh), 4.1 -> 3.6 s (cold
+        // overwrites) per phase; cached 120-125 -> 124-132 k, fresh 132-134
+        // -> 137-142 k, cold 89-98 -> 92-101 k. Point reads probe up to 16
+        // level-0 tables, each with its own filter; since the record and
+        // block filters answer most misses before the store, that costs
+        // less than the merges did. fjall keeps a keyspace's settings from
+        // its creation: pools created before this keep what they had.
         let hot = |name: &str| {
             db.keyspace(name, || {
                 KeyspaceCreateOptions::default()
                     .max_memtable_size(8 << 20)
                     .compaction_strategy(std::sync::Arc::new(
-                        fjall::compaction::Leveled::default().with_l0_threshold(8),
+                        fjall::compaction::Leveled::default().with_l0_threshold(16),
                     ))
                     .data_block_hash_ratio_policy(fjall::config::HashRatioPolicy::all(0.75))
                     .filter_block_pinning_policy(fjall::config::PinningPolicy::disabled())
