@@ -113,6 +113,17 @@ impl SegmentRecord {
     }
 }
 
+/// Level-0 tables of the block map and record index that start a merge into
+/// level 1 (see `Meta::open`).
+const L0_MERGE_TABLES: u8 = 16;
+/// fjall slows writers down at this many level-0 runs (and stops them at
+/// 30): a merge threshold at or above it would leave writers waiting on a
+/// merge that never starts. The threshold leaves room for the flushes that
+/// can queue ahead of a merge on fjall's one worker (writers stop at four
+/// sealed memtables), so merges start before writers are slowed.
+const FJALL_L0_STALL: u8 = 20;
+const _: () = assert!(L0_MERGE_TABLES + 4 <= FJALL_L0_STALL);
+
 impl Meta {
     pub fn open(dir: &Path, cache_bytes: u64, entry_cache_bytes: u64) -> Result<Meta> {
         std::fs::create_dir_all(dir).map_err(|e| {
@@ -159,14 +170,16 @@ impl Meta {
         // -> 137-142 k, cold 89-98 -> 92-101 k. Point reads probe up to 16
         // level-0 tables, each with its own filter; since the record and
         // block filters answer most misses before the store, that costs
-        // less than the merges did. fjall keeps a keyspace's settings from
-        // its creation: pools created before this keep what they had.
+        // less than the merges did. It must stay well below 20: fjall slows
+        // writers down at 20 level-0 runs and stops them at 30 (a threshold
+        // of 32 hung write_cpu for good). fjall keeps a keyspace's settings
+        // from its creation: pools created before this keep what they had.
         let hot = |name: &str| {
             db.keyspace(name, || {
                 KeyspaceCreateOptions::default()
                     .max_memtable_size(8 << 20)
                     .compaction_strategy(std::sync::Arc::new(
-                        fjall::compaction::Leveled::default().with_l0_threshold(16),
+                        fjall::compaction::Leveled::default().with_l0_threshold(L0_MERGE_TABLES),
                     ))
                     .data_block_hash_ratio_policy(fjall::config::HashRatioPolicy::all(0.75))
                     .filter_block_pinning_policy(fjall::config::PinningPolicy::disabled())
