@@ -118,11 +118,13 @@ impl SegmentRecord {
 const L0_MERGE_TABLES: u8 = 16;
 /// fjall slows writers down at this many level-0 runs (and stops them at
 /// 30): a merge threshold at or above it would leave writers waiting on a
-/// merge that never starts. The threshold leaves room for the flushes that
-/// can queue ahead of a merge on fjall's one worker (writers stop at four
-/// sealed memtables), so merges start before writers are slowed.
+/// merge that never starts (a threshold of 32 hung write_cpu for good).
 const FJALL_L0_STALL: u8 = 20;
-const _: () = assert!(L0_MERGE_TABLES + 4 <= FJALL_L0_STALL);
+/// Sealed memtables at which fjall stops writers: at most this many flushes
+/// can queue ahead of a merge on fjall's one worker, so the threshold
+/// leaves room for them and merges start before writers are slowed.
+const FJALL_MAX_SEALED_MEMTABLES: u8 = 4;
+const _: () = assert!(L0_MERGE_TABLES + FJALL_MAX_SEALED_MEMTABLES <= FJALL_L0_STALL);
 
 impl Meta {
     pub fn open(dir: &Path, cache_bytes: u64, entry_cache_bytes: u64) -> Result<Meta> {
@@ -158,22 +160,21 @@ impl Meta {
         // slower store misses (unmapped blocks of a fresh volume: ~15% fewer
         // writes per CPU-second there).
         //
-        // Level 0 is merged into level 1 at 16 tables instead of fjall's 4:
-        // random keys overlap all of level 1, so each merge rewrites it, and
-        // merging a quarter as often is most of what the background worker
-        // does under random writes. 4 -> 8 (session 13): worker 4.3 -> 3.4 s
-        // per 12 s of overwrites, fresh volume 95.5 -> 100.6 k and
-        // overwrites 83.0 -> 85.7 k writes per CPU-second. 8 -> 16
+        // Level 0 is merged into level 1 at `L0_MERGE_TABLES` (16) tables
+        // instead of fjall's 4: random keys overlap all of level 1, so each
+        // merge rewrites it, and those rewrites are most of the background
+        // worker's time under random writes. 4 -> 8 (session 13): worker
+        // 4.3 -> 3.4 s per 12 s of overwrites, fresh volume 95.5 -> 100.6 k
+        // and overwrites 83.0 -> 85.7 k writes per CPU-second. 8 -> 16
         // (session 21, write_cpu 2 8 twice in turns): worker 2.9 -> 2.0 s
         // (cached overwrites), 3.5 -> 2.7 s (fresh), 4.1 -> 3.6 s (cold
         // overwrites) per phase; cached 120-125 -> 124-132 k, fresh 132-134
         // -> 137-142 k, cold 89-98 -> 92-101 k. Point reads probe up to 16
         // level-0 tables, each with its own filter; since the record and
         // block filters answer most misses before the store, that costs
-        // less than the merges did. It must stay well below 20: fjall slows
-        // writers down at 20 level-0 runs and stops them at 30 (a threshold
-        // of 32 hung write_cpu for good). fjall keeps a keyspace's settings
-        // from its creation: pools created before this keep what they had.
+        // less than the merges did. It stays below fjall's write stall (see
+        // `FJALL_L0_STALL`). fjall keeps a keyspace's settings from its
+        // creation: pools created before this keep what they had.
         let hot = |name: &str| {
             db.keyspace(name, || {
                 KeyspaceCreateOptions::default()
