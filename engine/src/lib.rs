@@ -34,12 +34,18 @@ mod entry_cache;
 mod error;
 pub mod io;
 mod key;
+// For the record-filter benchmark (benches/benches/record_filter.rs).
+#[doc(hidden)]
+pub use key::BlockKey;
 mod meta;
 mod pool;
 mod read_cache;
 mod record;
 mod record_cache;
-mod record_filter;
+// Public only for the criterion benchmark that compares it with fastbloom
+// (benches/benches/record_filter.rs).
+#[doc(hidden)]
+pub mod record_filter;
 mod segment;
 // Public only for the criterion benchmark that compares it with
 // quick_cache's own locking (benches/benches/cache.rs).
