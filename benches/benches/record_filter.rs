@@ -6,6 +6,7 @@
 //! classic one it replaced (fastbloom's `AtomicBloomFilter` of the same
 //! size: a key's bits anywhere in the array). Time per key.
 
+use ballast_client::bench::rng::splitmix64;
 use ballast_engine::record_filter::RecordFilter;
 use ballast_engine::BlockKey;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -22,13 +23,6 @@ fn key(i: u64) -> BlockKey {
         word.copy_from_slice(&splitmix64(i.wrapping_mul(4).wrapping_add(n as u64)).to_le_bytes());
     }
     BlockKey::content(hash)
-}
-
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 trait Filter {

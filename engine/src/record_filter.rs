@@ -27,8 +27,8 @@
 //!
 //! Size: 8 bits per 4 KiB of pool capacity (256 MiB per TiB): 2.3% false
 //! positives when the pool is full of 4 KiB records (2.2% for a classic
-//! filter of that size), 0.12% at half load. Disks added to a live pool do not grow it
-//! until the next start; it only gets less sharp.
+//! filter of that size), 0.12% at half load. Disks added to a live pool do
+//! not grow it until the next start; it only gets less sharp.
 
 use crate::key::BlockKey;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
