@@ -27,96 +27,25 @@
 //!   caching their absence: under overwrites every write kills one, and those
 //!   entries, never asked for again, would evict the live ones.
 //!
-//! Block mappings are cached in groups of `GROUP` consecutive blocks of a
-//! volume, each slot known or not on its own (the rules above are per
-//! slot). A read or write of many blocks then costs one lookup per group
-//! instead of one per block: each lookup into a table far larger than the
-//! CPU caches is several dependent memory misses, and the 256 lookups of a
-//! 1 MiB read were 11% of ballastd's CPU under 1 MiB reads
-//! (docs/benchmarks.md, session 11).
+//! Block mappings are cached in groups of consecutive blocks (see
+//! `map_cache`), each slot known or not on its own: the rules above are per
+//! slot.
 
 use crate::key::{BlockKey, RecordMeta};
-use crate::record_cache::{RecordCache, ENTRY_BYTES};
-use crate::shard_cache::ShardCache;
+use crate::map_cache::{self, MapCache};
+use crate::record_cache::{self, RecordCache};
 use crate::state::Overlay;
-use quick_cache::UnitWeighter;
-
-/// Consecutive blocks per cached group of block mappings: 16 blocks are a
-/// 64 KiB run at the default block size, so a 1 MiB request is 16 lookups,
-/// while a group whose blocks are used alone (random 4 KiB I/O over a large
-/// volume) still costs only about 1 KiB.
-const GROUP: u64 = 16;
-
-/// Bytes one cached group costs, as measured: the group (16 keys of 40
-/// bytes and two masks, 648 bytes, boxed), its slot in quick_cache's table
-/// and the ghost slots beside it. `memory_scale 12` with every cache full
-/// held 54-77 MiB more resident memory when 128 MiB of groups were counted
-/// at 728 bytes each (boxed or inline alike) than with single entries at
-/// 160: about 1,030-1,170 bytes per group.
-const GROUP_BYTES: u64 = 1024;
-
-/// The committed mappings of blocks `GROUP * n ..` of one volume, those that
-/// are known.
-#[derive(Clone)]
-struct MapGroup {
-    /// Bit i: slot i is known (what the store holds, mapped or not).
-    known: u16,
-    /// Bit i: slot i is mapped, to `keys[i]`.
-    mapped: u16,
-    keys: [BlockKey; GROUP as usize],
-}
-
-impl MapGroup {
-    fn boxed() -> Box<MapGroup> {
-        Box::new(MapGroup {
-            known: 0,
-            mapped: 0,
-            keys: [BlockKey {
-                hash: [0; 32],
-                nonce: 0,
-            }; GROUP as usize],
-        })
-    }
-
-    /// `Some(mapping)` if slot `i` is known.
-    fn get(&self, i: usize) -> Option<Option<BlockKey>> {
-        let bit = 1u16 << i;
-        (self.known & bit != 0).then(|| (self.mapped & bit != 0).then_some(self.keys[i]))
-    }
-
-    fn set(&mut self, i: usize, v: Option<BlockKey>) {
-        let bit = 1u16 << i;
-        self.known |= bit;
-        match v {
-            Some(k) => {
-                self.mapped |= bit;
-                self.keys[i] = k;
-            }
-            None => self.mapped &= !bit,
-        }
-    }
-}
-
-/// The group holding block `lba` of `volume`, and the block's slot in it.
-fn group_of(volume: u32, lba: u64) -> ((u32, u64), usize) {
-    ((volume, lba / GROUP), (lba % GROUP) as usize)
-}
 
 pub(crate) struct EntryCache {
-    /// Boxed: quick_cache keeps the keys of recently evicted entries
-    /// ("ghosts", for its CLOCK-Pro policy) in slots of its entry table,
-    /// each as large as a resident key and value, so inline every ghost
-    /// would take a group's 648 bytes (`memory_scale 12` could not tell
-    /// the two apart within its noise, nor `write_cpu`).
-    blocks: Option<ShardCache<(u32, u64), Box<MapGroup>, UnitWeighter>>,
+    blocks: Option<MapCache>,
     records: Option<RecordCache>,
 }
 
 impl EntryCache {
     /// Half of `bytes` for each kind; below 1 MiB the cache is off.
     pub fn new(bytes: u64) -> EntryCache {
-        let records = (bytes / 2 / ENTRY_BYTES) as usize;
-        let groups = (bytes / 2 / GROUP_BYTES) as usize;
+        let records = (bytes / 2 / record_cache::ENTRY_BYTES) as usize;
+        let groups = (bytes / 2 / map_cache::ENTRY_BYTES) as usize;
         if bytes < 1 << 20 || records == 0 || groups == 0 {
             return EntryCache {
                 blocks: None,
@@ -124,57 +53,28 @@ impl EntryCache {
             };
         }
         EntryCache {
-            blocks: Some(ShardCache::new(groups, groups as u64, UnitWeighter)),
+            blocks: Some(MapCache::new(groups)),
             records: Some(RecordCache::new(records)),
         }
     }
 
     /// `Some(mapping)` if cached (the mapping itself may be "unmapped").
     pub fn block(&self, volume: u32, lba: u64) -> Option<Option<BlockKey>> {
-        let (g, i) = group_of(volume, lba);
-        self.blocks.as_ref()?.get_with(&g, |grp| grp.get(i))?
+        self.blocks.as_ref()?.get(volume, lba)
     }
 
     /// The cached mappings of blocks `lba0 + i` for each `i` in `at`:
-    /// `found(i, mapping)` for each one cached. Consecutive indices in the
-    /// same group share one lookup; one lock hold per shard.
+    /// `found(i, mapping)` for each one cached.
     pub fn blocks(
         &self,
         volume: u32,
         lba0: u64,
         at: &[usize],
-        mut found: impl FnMut(usize, Option<BlockKey>),
+        found: impl FnMut(usize, Option<BlockKey>),
     ) {
-        let Some(c) = &self.blocks else { return };
-        // One block (a 4 KiB write or read): no lists to build.
-        if let [i] = at {
-            if let Some(v) = self.block(volume, lba0 + *i as u64) {
-                found(*i, v);
-            }
-            return;
+        if let Some(c) = &self.blocks {
+            c.get_many(volume, lba0, at, found);
         }
-        // The groups `at` touches, each with the run of `at` inside it.
-        let mut groups: Vec<(u32, u64)> = Vec::new();
-        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-        for (j, &i) in at.iter().enumerate() {
-            let (g, _) = group_of(volume, lba0 + i as u64);
-            if groups.last() == Some(&g) {
-                if let Some(r) = runs.last_mut() {
-                    r.end = j + 1;
-                }
-            } else {
-                groups.push(g);
-                runs.push(j..j + 1);
-            }
-        }
-        c.get_many_with(&groups, |n, grp| {
-            for &i in &at[runs[n].clone()] {
-                let (_, slot) = group_of(volume, lba0 + i as u64);
-                if let Some(v) = grp.get(slot) {
-                    found(i, v);
-                }
-            }
-        });
     }
 
     /// The committed record of `key`, if cached (absent records never are).
@@ -192,25 +92,17 @@ impl EntryCache {
     /// Fill after a store read; see the module comment for who may.
     pub fn fill_block(&self, volume: u32, lba: u64, v: Option<BlockKey>) {
         if let Some(c) = &self.blocks {
-            let (g, i) = group_of(volume, lba);
-            c.modify_many([(g, (i, v))], MapGroup::boxed, |grp, (i, v)| grp.set(i, v));
+            c.set_many([(volume, lba, v)]);
         }
     }
 
     /// A committed overlay: its changes are now what the store holds.
     /// `blocks` are the overlay's block-map changes in key order (the
-    /// commit sorts them for its batch), so that each group is looked up
-    /// once.
+    /// commit sorts them for its batch), so that a group's blocks come
+    /// one after another, while its slot is in the CPU cache.
     pub fn apply(&self, blocks: &[(&(u32, u64), &Option<BlockKey>)], ov: &Overlay) {
         if let Some(c) = &self.blocks {
-            c.modify_many(
-                blocks.iter().map(|(&(v, lba), &k)| {
-                    let (g, i) = group_of(v, lba);
-                    (g, (i, k))
-                }),
-                MapGroup::boxed,
-                |grp, (i, k)| grp.set(i, k),
-            );
+            c.set_many(blocks.iter().map(|(&(v, lba), &k)| (v, lba, k)));
         }
         if let Some(c) = &self.records {
             // A dead record (`None`) is removed, not cached as absent: it is
@@ -224,7 +116,7 @@ impl EntryCache {
     /// Approximate memory held.
     pub fn memory_bytes(&self) -> u64 {
         let (b, r) = self.len();
-        b as u64 * GROUP_BYTES + r as u64 * ENTRY_BYTES
+        b as u64 * map_cache::ENTRY_BYTES + r as u64 * record_cache::ENTRY_BYTES
     }
 
     /// Entries held (groups of block mappings, records).

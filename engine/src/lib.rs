@@ -14,12 +14,13 @@
 //! - `record_filter`: a Bloom filter that answers record-index misses in memory.
 //! - `block_filter`: a bitmap of the blocks that may have a committed mapping.
 //! - `entry_cache`: recently used committed block-map and record-index entries.
-//! - `record_cache`: the record half of it, a set-associative table.
+//! - `map_cache`, `record_cache`: its two halves, block-mapping groups and
+//!   records, each in a `set_table`: a set-associative cache table.
 //! - `state`: the in-memory overlay of uncommitted metadata changes.
 //! - `engine`: opening/recovery, group commit, control operations, stats.
 //! - `volume`: the read and write paths of one volume.
 //! - `read_cache`: decoded blocks by identity, shared by all volumes.
-//! - `shard_cache`: the two caches' storage: quick_cache shards with batch
+//! - `shard_cache`: the read cache's storage: quick_cache shards with batch
 //!   lookups and updates that lock each shard once per batch.
 //! - `cleaner`: space reclamation.
 //!
@@ -34,6 +35,7 @@ mod entry_cache;
 mod error;
 pub mod io;
 mod key;
+mod map_cache;
 // For the record-filter benchmark (benches/benches/record_filter.rs).
 #[doc(hidden)]
 pub use key::BlockKey;
@@ -47,6 +49,7 @@ mod record_cache;
 #[doc(hidden)]
 pub mod record_filter;
 mod segment;
+mod set_table;
 // Public only for the criterion benchmark that compares it with
 // quick_cache's own locking (benches/benches/cache.rs).
 #[doc(hidden)]

@@ -1,51 +1,21 @@
-//! Committed record-index entries in a set-associative table: the record
-//! half of the entry cache (see `entry_cache` for what may enter it).
+//! Committed record-index entries in a set-associative table
+//! (`set_table`): the record half of the entry cache (see `entry_cache` for
+//! what may enter it).
 //!
 //! Every overwrite looks up the old record (to drop its reference) and
 //! every commit inserts its new records and removes its dead ones, so this
 //! table sees about three operations per block written. In quick_cache each
-//! was several dependent memory misses (control bytes, bucket, slab entry)
-//! plus its CLOCK-Pro bookkeeping, and an entry cost ~160 bytes with its
-//! ghost slots. Here the key's fingerprint picks a set of `WAYS` slots: a
-//! lookup reads the set's 64-byte line of tags (one miss, and the only one
-//! for a key not cached) and then the one slot whose tag matches; an insert
-//! writes a slot in place. An entry costs about 68 bytes (a 64-byte slot,
-//! a 4-byte tag, and its share of the set's reference bits and clock hand),
-//! so the same memory holds 2.3 times as many records. Eviction is CLOCK
-//! within the set over its probation ways (see `PROTECTED`): a lookup hit
-//! sets the slot's reference bit, and an insert into a full set takes the
-//! first probation slot from the set's hand whose bit is clear, promoting
-//! the referenced ones it passes. Sixteen ways rather than
-//! eight: with random keys, sets overflow (and evict) while the table as a
-//! whole still has room, and wider sets waste less of it.
-//!
-//! The slots and tags come from zeroed allocations (all zeros is "empty"):
-//! the table costs memory only as inserts touch its pages.
+//! was several dependent memory misses plus its CLOCK-Pro bookkeeping, and
+//! an entry cost ~160 bytes with its ghost slots; here a lookup is two
+//! misses and an entry costs about 69 bytes (a 64-byte slot and the
+//! table's bookkeeping), so the same memory holds 2.3 times as many
+//! records.
 
 use crate::key::{BlockKey, RecordMeta, SegmentId};
-use crate::shard_cache::HOLD_KEYS;
-use parking_lot::RwLock;
-use std::sync::atomic::{AtomicU16, Ordering};
+use crate::set_table::{SetTable, SlotKey, OVERHEAD_BYTES};
 
-/// Slots per set: one 64-byte line of tags.
-const WAYS: usize = 16;
-
-/// Ways per set that entries can hold protected: a new entry is protected
-/// while its set has fewer, and only probation entries are evicted while
-/// there are any. A burst of entries used once (a bulk write to another
-/// volume, whose records are next looked up when overwritten, if ever)
-/// then cycles through the set's probation ways instead of pushing out the
-/// entries that were there first: they leave when their records die (a
-/// commit removes them) and newcomers take their protected place. The
-/// same as quick_cache's hot and cold sections (97% hot), per set.
-const PROTECTED: u32 = 14;
-
-/// Shards, each behind its own lock; batches take each lock once.
-const SHARDS: usize = 16;
-
-/// Bytes one entry costs: its slot, its tag and its share of the set's
-/// reference byte and hand (68.25, rounded up).
-pub const ENTRY_BYTES: u64 = 69;
+/// Bytes one entry costs: its 64-byte slot and the table's bookkeeping.
+pub const ENTRY_BYTES: u64 = 64 + OVERHEAD_BYTES;
 
 /// A key and its record, as eight words (all zeros in an empty slot).
 type Slot = [u64; 8];
@@ -56,14 +26,9 @@ fn key_words(key: &BlockKey) -> [u64; 5] {
     [w(0), w(1), w(2), w(3), key.nonce]
 }
 
-fn encode(key: &BlockKey, m: &RecordMeta) -> Slot {
-    let [h0, h1, h2, h3, nonce] = key_words(key);
+/// The record as the last three words of its slot.
+fn record_words(m: &RecordMeta) -> [u64; 3] {
     [
-        h0,
-        h1,
-        h2,
-        h3,
-        nonce,
         (m.segment.disk as u64) << 32 | m.segment.index as u64,
         (m.offset as u64) << 32 | m.stored_len as u64,
         (m.raw_len as u64) << 32 | m.refs as u64,
@@ -87,227 +52,67 @@ fn decode(slot: &Slot) -> RecordMeta {
     }
 }
 
-/// Where a key lives: its shard, its set in the shard, and its tag.
-#[derive(Clone, Copy)]
-struct Place {
-    shard: usize,
-    set: usize,
-    tag: u32,
-}
-
-struct Shard {
-    /// `WAYS` per set; 0 is an empty slot.
-    tags: Vec<u32>,
-    slots: Vec<Slot>,
-    /// Per set, bit `w`: slot `w` was hit since the hand last passed it.
-    /// Set by lookups under the read lock, hence atomic.
-    referenced: Vec<AtomicU16>,
-    /// Per set, bit `w`: slot `w` is protected (see `PROTECTED`).
-    protected: Vec<u16>,
-    /// Per set, the next slot the clock looks at.
-    hands: Vec<u8>,
-    len: usize,
-}
-
-impl Shard {
-    fn new(sets: usize) -> Shard {
-        Shard {
-            tags: vec![0; sets * WAYS],
-            slots: vec![[0; 8]; sets * WAYS],
-            referenced: (0..sets).map(|_| AtomicU16::new(0)).collect(),
-            protected: vec![0; sets],
-            hands: vec![0; sets],
-            len: 0,
-        }
+impl SlotKey<8> for BlockKey {
+    fn fingerprint(&self) -> u64 {
+        BlockKey::fingerprint(self)
     }
 
-    /// The slot index holding `key`, if any.
-    fn find(&self, p: Place, key: &BlockKey) -> Option<usize> {
-        let base = p.set * WAYS;
-        (base..base + WAYS).find(|&i| self.tags[i] == p.tag && holds(&self.slots[i], key))
+    fn held_by(&self, slot: &Slot) -> bool {
+        holds(slot, self)
     }
 
-    fn get(&self, p: Place, key: &BlockKey) -> Option<RecordMeta> {
-        let i = self.find(p, key)?;
-        let bit = 1u16 << (i % WAYS);
-        let r = &self.referenced[p.set];
-        // Only write the line when the bit changes.
-        if r.load(Ordering::Relaxed) & bit == 0 {
-            r.fetch_or(bit, Ordering::Relaxed);
-        }
-        Some(decode(&self.slots[i]))
-    }
-
-    fn remove(&mut self, p: Place, key: &BlockKey) {
-        if let Some(i) = self.find(p, key) {
-            self.tags[i] = 0;
-            self.slots[i] = [0; 8];
-            self.protected[p.set] &= !(1u16 << (i % WAYS));
-            self.len -= 1;
-        }
-    }
-
-    fn insert(&mut self, p: Place, key: &BlockKey, m: &RecordMeta) {
-        let base = p.set * WAYS;
-        if let Some(i) = self.find(p, key) {
-            // A changed entry (a reference added or dropped) was just used.
-            self.slots[i] = encode(key, m);
-            *self.referenced[p.set].get_mut() |= 1u16 << (i - base);
-            return;
-        }
-        let i = match (base..base + WAYS).find(|&i| self.tags[i] == 0) {
-            Some(i) => {
-                self.len += 1;
-                i
-            }
-            None => base + self.victim(p.set),
-        };
-        self.tags[i] = p.tag;
-        self.slots[i] = encode(key, m);
-        let bit = 1u16 << (i - base);
-        // A new entry starts unreferenced, and protected while the set has
-        // protected room.
-        *self.referenced[p.set].get_mut() &= !bit;
-        let prot = &mut self.protected[p.set];
-        if (*prot & !bit).count_ones() < PROTECTED {
-            *prot |= bit;
-        } else {
-            *prot &= !bit;
-        }
-    }
-
-    /// The way to evict from a full set: CLOCK over the probation ways
-    /// from the hand, where a referenced way gets its second chance as a
-    /// promotion (and its bit cleared); if none is left on probation,
-    /// CLOCK over all ways, the way it picks losing its protection.
-    fn victim(&mut self, set: usize) -> usize {
-        let r = self.referenced[set].get_mut();
-        let prot = &mut self.protected[set];
-        let mut hand = self.hands[set] as usize;
-        for _ in 0..WAYS {
-            let bit = 1u16 << hand;
-            if *prot & bit == 0 {
-                if *r & bit == 0 {
-                    self.hands[set] = ((hand + 1) % WAYS) as u8;
-                    return hand;
-                }
-                *r &= !bit;
-                *prot |= bit;
-            }
-            hand = (hand + 1) % WAYS;
-        }
-        loop {
-            let bit = 1u16 << hand;
-            if *r & bit == 0 {
-                *prot &= !bit;
-                self.hands[set] = ((hand + 1) % WAYS) as u8;
-                return hand;
-            }
-            *r &= !bit;
-            hand = (hand + 1) % WAYS;
-        }
+    fn claim(&self, slot: &mut Slot) {
+        slot[..5].copy_from_slice(&key_words(self));
     }
 }
 
 pub struct RecordCache {
-    shards: Box<[RwLock<Shard>]>,
-    sets_per_shard: usize,
+    table: SetTable<8>,
 }
 
 impl RecordCache {
-    /// A table of about `entries` entries (at least one set per shard).
+    /// A table of about `entries` entries.
     pub fn new(entries: usize) -> RecordCache {
-        let sets_per_shard = entries.div_ceil(WAYS * SHARDS).max(1);
         RecordCache {
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(Shard::new(sets_per_shard)))
-                .collect(),
-            sets_per_shard,
-        }
-    }
-
-    fn place(&self, key: &BlockKey) -> Place {
-        let f = key.fingerprint();
-        Place {
-            // Disjoint bits of a uniform fingerprint for shard, set and tag.
-            shard: (f >> 60) as usize % SHARDS,
-            set: (((f & 0xFFFF_FFFF) * self.sets_per_shard as u64) >> 32) as usize,
-            tag: ((f >> 32) as u32 & 0x0FFF_FFFF) | 1,
+            table: SetTable::new(entries),
         }
     }
 
     pub fn get(&self, key: &BlockKey) -> Option<RecordMeta> {
-        let p = self.place(key);
-        self.shards[p.shard].read().get(p, key)
+        self.table.get_with(key, decode)
     }
 
     /// `found(i, record)` for each `keys[i]` cached; one lock hold per
     /// shard (in shard order, not key order).
     pub fn get_many(&self, keys: &[BlockKey], mut found: impl FnMut(usize, RecordMeta)) {
-        if let [only] = keys {
-            if let Some(m) = self.get(only) {
-                found(0, m);
-            }
-            return;
-        }
-        let places: Vec<Place> = keys.iter().map(|k| self.place(k)).collect();
-        for (s, lock) in self.shards.iter().enumerate() {
-            if !places.iter().any(|p| p.shard == s) {
-                continue;
-            }
-            let shard = lock.read();
-            for (i, (p, k)) in places.iter().zip(keys).enumerate() {
-                if p.shard == s {
-                    if let Some(m) = shard.get(*p, k) {
-                        found(i, m);
-                    }
-                }
-            }
-        }
+        self.table.get_many_with(keys, |i, s| found(i, decode(s)));
     }
 
-    /// Insert (`Some`) or remove (`None`) each entry, grouped by shard, each
-    /// shard's removals first so that inserts take the slots they free.
+    /// Insert (`Some`) or remove (`None`) each entry, removals first so
+    /// that inserts take the slots they free.
     pub fn update_many(&self, entries: impl IntoIterator<Item = (BlockKey, Option<RecordMeta>)>) {
-        let mut by_shard: [Vec<(Place, BlockKey, Option<RecordMeta>)>; SHARDS] = Default::default();
-        for (k, m) in entries {
-            let p = self.place(&k);
-            by_shard[p.shard].push((p, k, m));
-        }
-        for (lock, mut list) in self.shards.iter().zip(by_shard) {
-            if list.is_empty() {
-                continue;
-            }
-            list.sort_by_key(|(_, _, m)| m.is_some());
-            // As in `shard_cache`: a bounded run per lock hold, so readers
-            // never wait long behind a large commit.
-            for run in list.chunks(HOLD_KEYS) {
-                let mut shard = lock.write();
-                for (p, k, m) in run {
-                    match m {
-                        Some(m) => shard.insert(*p, k, m),
-                        None => shard.remove(*p, k),
-                    }
-                }
-            }
-        }
+        let mut list: Vec<(BlockKey, Option<RecordMeta>)> = entries.into_iter().collect();
+        list.sort_by_key(|(_, m)| m.is_some());
+        self.table
+            .update_many(list, |slot, m| slot[5..].copy_from_slice(&record_words(&m)));
     }
 
     /// Entries held.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().len).sum()
+        self.table.len()
     }
 
     /// Entries the table can hold.
     #[cfg(test)]
     pub fn capacity(&self) -> usize {
-        self.sets_per_shard * WAYS * SHARDS
+        self.table.capacity()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::set_table::{SHARDS, WAYS};
 
     fn key(i: u64) -> BlockKey {
         // Uniform hashes, as blake3's are.
