@@ -108,8 +108,16 @@ impl EntryCache {
             // A dead record (`None`) is removed, not cached as absent: it is
             // looked up again only if its content is written again, and
             // caching its absence would push live records out under
-            // overwrites (one dead per write).
-            c.update_many(ov.records.iter().map(|(&k, &v)| (k, v)));
+            // overwrites (one dead per write). A record written to a block
+            // that had no mapping starts on probation: a block overwritten
+            // once is likely overwritten again, and its record is then
+            // looked up, but a first write (a volume being filled, a bulk
+            // copy) may well be the only one, and its records would take
+            // the protected ways of the records of blocks that are
+            // rewritten.
+            c.update_many(ov.records.iter().map(|(&k, &v)| (k, v)), |k| {
+                !ov.first_writes.contains(&k.fingerprint())
+            });
         }
     }
 

@@ -173,6 +173,7 @@ impl MapCache {
                 let (g, i) = group_of(volume, lba);
                 (g, Some((i, v)))
             }),
+            |_| true,
             |slot, (i, v)| set(slot, i, v),
         );
     }

@@ -89,12 +89,18 @@ impl RecordCache {
     }
 
     /// Insert (`Some`) or remove (`None`) each entry, removals first so
-    /// that inserts take the slots they free.
-    pub fn update_many(&self, entries: impl IntoIterator<Item = (BlockKey, Option<RecordMeta>)>) {
+    /// that inserts take the slots they free; a new entry starts on
+    /// probation unless `may_protect(key)`.
+    pub fn update_many(
+        &self,
+        entries: impl IntoIterator<Item = (BlockKey, Option<RecordMeta>)>,
+        may_protect: impl Fn(&BlockKey) -> bool,
+    ) {
         let mut list: Vec<(BlockKey, Option<RecordMeta>)> = entries.into_iter().collect();
         list.sort_by_key(|(_, m)| m.is_some());
-        self.table
-            .update_many(list, |slot, m| slot[5..].copy_from_slice(&record_words(&m)));
+        self.table.update_many(list, may_protect, |slot, m| {
+            slot[5..].copy_from_slice(&record_words(&m))
+        });
     }
 
     /// Entries held.
@@ -155,16 +161,16 @@ mod tests {
             raw_len: u32::MAX,
             refs: u32::MAX,
         };
-        c.update_many([(with_nonce, Some(m)), (key(2), Some(meta(2)))]);
+        c.update_many([(with_nonce, Some(m)), (key(2), Some(meta(2)))], |_| true);
         assert_eq!(c.get(&with_nonce), Some(m));
         assert_eq!(c.get(&key(1)), None, "same hash, other nonce");
         assert_eq!(c.get(&key(2)), Some(meta(2)));
         assert_eq!(c.len(), 2);
         // Replacing an entry keeps one copy.
-        c.update_many([(key(2), Some(meta(9)))]);
+        c.update_many([(key(2), Some(meta(9)))], |_| true);
         assert_eq!(c.get(&key(2)), Some(meta(9)));
         assert_eq!(c.len(), 2);
-        c.update_many([(key(2), None), (key(3), None)]);
+        c.update_many([(key(2), None), (key(3), None)], |_| true);
         assert_eq!(c.get(&key(2)), None);
         assert_eq!(c.len(), 1);
     }
@@ -174,7 +180,10 @@ mod tests {
         let c = RecordCache::new(10_000);
         let keys: Vec<BlockKey> = (0..3000).map(key).collect();
         let metas: Vec<RecordMeta> = (0..3000).map(meta).collect();
-        c.update_many(keys.iter().copied().zip(metas.iter().copied().map(Some)));
+        c.update_many(
+            keys.iter().copied().zip(metas.iter().copied().map(Some)),
+            |_| true,
+        );
         let asked: Vec<BlockKey> = (2990..3010).map(key).collect();
         let mut got = vec![None; asked.len()];
         c.get_many(&asked, |i, m| got[i] = Some(m));
@@ -192,7 +201,7 @@ mod tests {
         assert!((4096..4096 + WAYS * SHARDS).contains(&cap));
         // A hot set of keys looked up between waves of cold inserts.
         let hot: Vec<BlockKey> = (0..256).map(key).collect();
-        c.update_many(hot.iter().map(|k| (*k, Some(meta(0)))));
+        c.update_many(hot.iter().map(|k| (*k, Some(meta(0)))), |_| true);
         for wave in 0..20u64 {
             let mut hits = 0;
             c.get_many(&hot, |_, _| hits += 1);
@@ -202,12 +211,12 @@ mod tests {
             let cold: Vec<BlockKey> = (0..1024)
                 .map(|i| key(1_000_000 + wave * 1024 + i))
                 .collect();
-            c.update_many(cold.iter().map(|k| (*k, Some(meta(1)))));
+            c.update_many(cold.iter().map(|k| (*k, Some(meta(1)))), |_| true);
             assert!(c.len() <= cap);
         }
         // Inserts into a full table evict, never grow it.
         let many: Vec<BlockKey> = (0..20_000).map(|i| key(5_000_000 + i)).collect();
-        c.update_many(many.iter().map(|k| (*k, Some(meta(2)))));
+        c.update_many(many.iter().map(|k| (*k, Some(meta(2)))), |_| true);
         assert!(
             c.len() <= cap && c.len() > cap * 9 / 10,
             "{} of {cap}",
@@ -219,11 +228,11 @@ mod tests {
     fn a_burst_used_once_does_not_push_out_what_was_there() {
         let c = RecordCache::new(1 << 14);
         let first: Vec<BlockKey> = (0..c.capacity() as u64 / 4).map(key).collect();
-        c.update_many(first.iter().map(|k| (*k, Some(meta(0)))));
+        c.update_many(first.iter().map(|k| (*k, Some(meta(0)))), |_| true);
         // Four times the table's size in new keys, none looked up.
         for wave in 0..16u64 {
             let burst: Vec<BlockKey> = (0..1024).map(|i| key(1 << 40 | wave << 20 | i)).collect();
-            c.update_many(burst.iter().map(|k| (*k, Some(meta(1)))));
+            c.update_many(burst.iter().map(|k| (*k, Some(meta(1)))), |_| true);
         }
         let kept = first.iter().filter(|k| c.get(k).is_some()).count();
         assert!(
@@ -234,11 +243,11 @@ mod tests {
         // Once they die, newcomers take their place and most are kept in
         // turn (those landing in a set with fewer deaths than arrivals are
         // on probation).
-        c.update_many(first.iter().map(|k| (*k, None)));
+        c.update_many(first.iter().map(|k| (*k, None)), |_| true);
         let next: Vec<BlockKey> = (0..first.len() as u64).map(|i| key(1 << 50 | i)).collect();
-        c.update_many(next.iter().map(|k| (*k, Some(meta(2)))));
+        c.update_many(next.iter().map(|k| (*k, Some(meta(2)))), |_| true);
         let burst: Vec<BlockKey> = (0..c.capacity() as u64).map(|i| key(1 << 51 | i)).collect();
-        c.update_many(burst.iter().map(|k| (*k, Some(meta(3)))));
+        c.update_many(burst.iter().map(|k| (*k, Some(meta(3)))), |_| true);
         let kept = next.iter().filter(|k| c.get(k).is_some()).count();
         assert!(
             kept * 100 >= next.len() * 75,
@@ -248,10 +257,33 @@ mod tests {
     }
 
     #[test]
+    fn entries_on_probation_leave_the_protected_ways_to_later_ones() {
+        let c = RecordCache::new(1 << 14);
+        let cap = c.capacity() as u64;
+        // First writes fill the table twice over, all on probation.
+        let first_writes = |base: u64, n: u64| {
+            let keys: Vec<BlockKey> = (0..n).map(|i| key(base + i)).collect();
+            c.update_many(keys.iter().map(|k| (*k, Some(meta(1)))), |_| false);
+        };
+        first_writes(1 << 40, 2 * cap);
+        // Then records of rewritten blocks, half the table's size, and
+        // more first writes than the table holds.
+        let rewritten: Vec<BlockKey> = (0..cap / 2).map(key).collect();
+        c.update_many(rewritten.iter().map(|k| (*k, Some(meta(2)))), |_| true);
+        first_writes(1 << 41, 4 * cap);
+        let kept = rewritten.iter().filter(|k| c.get(k).is_some()).count();
+        assert!(
+            kept * 100 >= rewritten.len() * 99,
+            "{kept} of {} kept",
+            rewritten.len()
+        );
+    }
+
+    #[test]
     fn removals_in_a_batch_make_room_for_its_inserts() {
         let c = RecordCache::new(512);
         let old: Vec<BlockKey> = (0..c.capacity() as u64).map(key).collect();
-        c.update_many(old.iter().map(|k| (*k, Some(meta(0)))));
+        c.update_many(old.iter().map(|k| (*k, Some(meta(0)))), |_| true);
         let kept: Vec<&BlockKey> = old.iter().filter(|k| c.get(k).is_some()).collect();
         // Replace the first 100 kept with 100 new keys, inserts listed first.
         let new: Vec<BlockKey> = (0..100).map(|i| key(900_000 + i)).collect();
@@ -260,6 +292,7 @@ mod tests {
             new.iter()
                 .map(|k| (*k, Some(meta(1))))
                 .chain(dead.iter().map(|k| (**k, None))),
+            |_| true,
         );
         let survivors = kept[100..].iter().filter(|k| c.get(k).is_some()).count();
         // A new key whose set had no removal still evicts; most find a slot.

@@ -136,8 +136,9 @@ impl<const W: usize> Shard<W> {
     }
 
     /// The slot of `key`, claimed (evicting if the set is full) if it had
-    /// none.
-    fn slot_for(&mut self, p: Place, key: &impl SlotKey<W>) -> &mut [u64; W] {
+    /// none; a claimed slot is protected if `may_protect` and the set has
+    /// protected room.
+    fn slot_for(&mut self, p: Place, key: &impl SlotKey<W>, may_protect: bool) -> &mut [u64; W] {
         let base = p.set * WAYS;
         if let Some(i) = self.find(p, key) {
             // A changed entry (a reference added or dropped, a mapping set)
@@ -158,10 +159,10 @@ impl<const W: usize> Shard<W> {
         key.claim(slot);
         let bit = 1u16 << (i - base);
         // A new entry starts unreferenced, and protected while the set has
-        // protected room.
+        // protected room (if the caller lets it).
         *self.referenced[p.set].get_mut() &= !bit;
         let prot = &mut self.protected[p.set];
-        if (*prot & !bit).count_ones() < PROTECTED {
+        if may_protect && (*prot & !bit).count_ones() < PROTECTED {
             *prot |= bit;
         } else {
             *prot &= !bit;
@@ -266,10 +267,12 @@ impl<const W: usize> SetTable<W> {
 
     /// For each item, in order within a shard: `None` removes the key's
     /// entry, `Some(t)` calls `apply(slot, t)` on its slot, claiming one
-    /// (with every word but the key's zero) if the key had none.
+    /// (with every word but the key's zero) if the key had none, which
+    /// starts on probation unless `may_protect(key)`.
     pub fn update_many<K: SlotKey<W>, T>(
         &self,
         items: impl IntoIterator<Item = (K, Option<T>)>,
+        may_protect: impl Fn(&K) -> bool,
         mut apply: impl FnMut(&mut [u64; W], T),
     ) {
         let mut by_shard: [Vec<(Place, K, Option<T>)>; SHARDS] = Default::default();
@@ -285,7 +288,7 @@ impl<const W: usize> SetTable<W> {
                 let mut shard = lock.write();
                 for (p, k, t) in list.by_ref().take(HOLD_KEYS) {
                     match t {
-                        Some(t) => apply(shard.slot_for(p, &k), t),
+                        Some(t) => apply(shard.slot_for(p, &k, may_protect(&k)), t),
                         None => shard.remove(p, &k),
                     }
                 }

@@ -21,6 +21,10 @@ pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 pub(crate) struct Overlay {
     pub blocks: FastMap<(u32, u64), Option<BlockKey>>,
     pub records: FastMap<BlockKey, Option<RecordMeta>>,
+    /// Fingerprints of the keys written to blocks that had no mapping (a
+    /// volume's first write of the block): their new records enter the
+    /// entry cache on probation (see `EntryCache::apply`).
+    pub first_writes: HashSet<u64, foldhash::fast::RandomState>,
     pub seg_live: HashMap<SegmentId, i64>,
     pub mapped: HashMap<u32, i64>,
     pub unique: i64,
@@ -300,10 +304,14 @@ impl Txn<'_> {
             if let Some(k) = new {
                 self.incref(k)?;
             }
-            if let Some(k) = old {
-                dropped.push(k);
-            }
             let cur = &mut self.st.cur;
+            match (old, new) {
+                (Some(k), _) => dropped.push(k),
+                (None, Some(k)) => {
+                    cur.first_writes.insert(k.fingerprint());
+                }
+                (None, None) => {}
+            }
             cur.blocks.insert((volume, lba), *new);
             let d = i64::from(new.is_some()) - i64::from(old.is_some());
             if d != 0 {
