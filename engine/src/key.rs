@@ -36,6 +36,23 @@ impl BlockKey {
         head ^ self.nonce.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 
+    /// The key as five words (the hash's four, little endian, then the
+    /// nonce): how the entry cache's tables hold it in their slots.
+    pub fn to_words(&self) -> [u64; 5] {
+        let w =
+            |i: usize| u64::from_le_bytes(self.hash[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        [w(0), w(1), w(2), w(3), self.nonce]
+    }
+
+    /// The inverse of [`BlockKey::to_words`].
+    pub fn from_words(w: &[u64; 5]) -> BlockKey {
+        let mut hash = [0u8; 32];
+        for (c, word) in hash.chunks_exact_mut(8).zip(w) {
+            c.copy_from_slice(&word.to_le_bytes());
+        }
+        BlockKey { hash, nonce: w[4] }
+    }
+
     pub fn encode(&self) -> [u8; BLOCK_KEY_LEN] {
         let mut b = [0u8; BLOCK_KEY_LEN];
         b[..32].copy_from_slice(&self.hash);

@@ -74,20 +74,18 @@ impl SlotKey<WORDS> for GroupId {
     }
 }
 
+/// The five words of key `i` (`BlockKey::to_words`).
+fn key_words(slot: &Slot, i: usize) -> &[u64; 5] {
+    slot[2 + 5 * i..2 + 5 * i + 5]
+        .try_into()
+        .expect("five words")
+}
+
 /// `Some(mapping)` if slot `i` of the group is known.
 fn get(slot: &Slot, i: usize) -> Option<Option<BlockKey>> {
     let known = (slot[0] >> (KNOWN_SHIFT + i as u32)) & 1 != 0;
     let mapped = (slot[0] >> (MAPPED_SHIFT + i as u32)) & 1 != 0;
-    known.then(|| {
-        mapped.then(|| {
-            let w = &slot[2 + 5 * i..2 + 5 * i + 5];
-            let mut hash = [0u8; 32];
-            for (c, word) in hash.chunks_exact_mut(8).zip(w) {
-                c.copy_from_slice(&word.to_le_bytes());
-            }
-            BlockKey { hash, nonce: w[4] }
-        })
-    })
+    known.then(|| mapped.then(|| BlockKey::from_words(key_words(slot, i))))
 }
 
 fn set(slot: &mut Slot, i: usize, v: Option<BlockKey>) {
@@ -96,11 +94,7 @@ fn set(slot: &mut Slot, i: usize, v: Option<BlockKey>) {
     match v {
         Some(k) => {
             slot[0] |= mapped;
-            let w = &mut slot[2 + 5 * i..2 + 5 * i + 5];
-            for (word, c) in w.iter_mut().zip(k.hash.chunks_exact(8)) {
-                *word = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            }
-            w[4] = k.nonce;
+            slot[2 + 5 * i..2 + 5 * i + 5].copy_from_slice(&k.to_words());
         }
         None => slot[0] &= !mapped,
     }

@@ -17,14 +17,9 @@ use crate::set_table::{SetTable, SlotKey, OVERHEAD_BYTES};
 /// Bytes one entry costs: its 64-byte slot and the table's bookkeeping.
 pub const ENTRY_BYTES: u64 = 64 + OVERHEAD_BYTES;
 
-/// A key and its record, as eight words (all zeros in an empty slot).
+/// A key and its record, as eight words (all zeros in an empty slot): the
+/// key's five (`BlockKey::to_words`), then the record's three.
 type Slot = [u64; 8];
-
-/// The key as the first five words of its slot.
-fn key_words(key: &BlockKey) -> [u64; 5] {
-    let w = |i: usize| u64::from_le_bytes(key.hash[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    [w(0), w(1), w(2), w(3), key.nonce]
-}
 
 /// The record as the last three words of its slot.
 fn record_words(m: &RecordMeta) -> [u64; 3] {
@@ -33,10 +28,6 @@ fn record_words(m: &RecordMeta) -> [u64; 3] {
         (m.offset as u64) << 32 | m.stored_len as u64,
         (m.raw_len as u64) << 32 | m.refs as u64,
     ]
-}
-
-fn holds(slot: &Slot, key: &BlockKey) -> bool {
-    slot[..5] == key_words(key)
 }
 
 fn decode(slot: &Slot) -> RecordMeta {
@@ -58,11 +49,11 @@ impl SlotKey<8> for BlockKey {
     }
 
     fn held_by(&self, slot: &Slot) -> bool {
-        holds(slot, self)
+        slot[..5] == self.to_words()
     }
 
     fn claim(&self, slot: &mut Slot) {
-        slot[..5].copy_from_slice(&key_words(self));
+        slot[..5].copy_from_slice(&self.to_words());
     }
 }
 
@@ -88,17 +79,15 @@ impl RecordCache {
         self.table.get_many_with(keys, |i, s| found(i, decode(s)));
     }
 
-    /// Insert (`Some`) or remove (`None`) each entry, removals first so
-    /// that inserts take the slots they free; a new entry starts on
-    /// probation unless `may_protect(key)`.
+    /// Insert (`Some`) or remove (`None`) each entry (removals first, see
+    /// `SetTable::update_many`); a new entry starts on probation unless
+    /// `may_protect(key)`.
     pub fn update_many(
         &self,
         entries: impl IntoIterator<Item = (BlockKey, Option<RecordMeta>)>,
         may_protect: impl Fn(&BlockKey) -> bool,
     ) {
-        let mut list: Vec<(BlockKey, Option<RecordMeta>)> = entries.into_iter().collect();
-        list.sort_by_key(|(_, m)| m.is_some());
-        self.table.update_many(list, may_protect, |slot, m| {
+        self.table.update_many(entries, may_protect, |slot, m| {
             slot[5..].copy_from_slice(&record_words(&m))
         });
     }

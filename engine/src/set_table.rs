@@ -265,10 +265,13 @@ impl<const W: usize> SetTable<W> {
         }
     }
 
-    /// For each item, in order within a shard: `None` removes the key's
-    /// entry, `Some(t)` calls `apply(slot, t)` on its slot, claiming one
-    /// (with every word but the key's zero) if the key had none, which
-    /// starts on probation unless `may_protect(key)`.
+    /// For each item: `None` removes the key's entry, `Some(t)` calls
+    /// `apply(slot, t)` on its slot, claiming one (with every word but the
+    /// key's zero) if the key had none, which starts on probation unless
+    /// `may_protect(key)`. Each shard's removals come first, otherwise in
+    /// the order given: a commit of overwrites drops one dead record per
+    /// new one, and its new entries then take the slots the dead ones free
+    /// instead of evicting live entries.
     pub fn update_many<K: SlotKey<W>, T>(
         &self,
         items: impl IntoIterator<Item = (K, Option<T>)>,
@@ -280,7 +283,9 @@ impl<const W: usize> SetTable<W> {
             let p = self.place(&k);
             by_shard[p.shard].push((p, k, t));
         }
-        for (lock, list) in self.shards.iter().zip(by_shard) {
+        for (lock, mut list) in self.shards.iter().zip(by_shard) {
+            // Stable: a run with no removals stays as it is, in one pass.
+            list.sort_by_key(|(_, _, t)| t.is_some());
             let mut list = list.into_iter().peekable();
             // A bounded run per lock hold, so readers never wait long
             // behind a large commit.

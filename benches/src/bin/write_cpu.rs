@@ -157,11 +157,8 @@ struct Phase {
     cores: f64,
 }
 
-/// The phase's writes and the flush that commits them: without it, what
-/// was still in the overlay at the end (up to the commit threshold's worth
-/// of writes) would be committed after the clock stopped, and a larger
-/// threshold would look cheaper than it is (until session 22 the flush
-/// came after the measurement).
+/// The phase's writes and the flush that commits them (see the module
+/// comment for why the flush is inside the measurement).
 async fn measure(
     engine: &Engine,
     vol: &Volume,
