@@ -53,6 +53,14 @@ for t in "${targets[@]}"; do
   [ "$t" = nbdkit-null ] && continue
   nbdcopy "$work/fill.bin" "${uri[$t]}"
 done
+# Ballast completes writes into its write-back buffer and stores them
+# (hash, dedup, lz4, commit) later, as the peers' page cache writes back
+# later. A FLUSH after each Ballast run waits for that work, so that it
+# does not run during the next target's measurement.
+settle() {
+  /usr/bin/python3 -c 'import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); h.flush(); h.shutdown()' "$1"
+}
+settle "${uri[ballast]}"
 
 run() { # target rw bs qd [pinned] -> "iops MB/s"
   local pin=()
@@ -75,6 +83,7 @@ for w in "${workloads[@]}"; do
   row="| $rw $bs qd$qd${pinned:+ $pinned} |"
   for t in "${targets[@]}"; do
     read -r iops mbps <<<"$(run "$t" "$rw" "$bs" "$qd" "$pinned")"
+    if [ "$t" = ballast ]; then settle "${uri[ballast]}"; fi
     if [ "$bs" = 1m ]; then row="$row $mbps MB/s |"; else row="$row $iops IOPS |"; fi
   done
   echo "$row"

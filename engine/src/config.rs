@@ -38,6 +38,12 @@ pub struct EngineConfig {
     /// 128 MiB per TiB of pool, at least 64 MiB. Past it, volumes that need
     /// more are looked up in the cache and the store instead.
     pub block_filter_bytes: Option<u64>,
+    /// Completed writes held in memory before they are hashed and stored
+    /// (see `write_back`); 0 stores every write as it comes.
+    pub write_back_bytes: u64,
+    /// A buffered write older than this is stored even when the buffer has
+    /// room (the page cache's dirty expiry).
+    pub write_back_expire: std::time::Duration,
     /// Run the background space cleaner.
     pub cleaner: bool,
     /// Test hook: open disks through this instead of the I/O backend.
@@ -56,6 +62,8 @@ impl EngineConfig {
             commit_interval: std::time::Duration::from_secs(1),
             read_cache_bytes: 256 << 20,
             block_filter_bytes: None,
+            write_back_bytes: 0,
+            write_back_expire: std::time::Duration::from_secs(30),
             cleaner: true,
             disk_opener: None,
         }

@@ -50,6 +50,8 @@ pub(crate) struct Inner {
     control: tokio::sync::Mutex<()>,
     pub(crate) cleaner_wake: tokio::sync::Notify,
     pub(crate) read_cache: crate::read_cache::ReadCache,
+    /// `None` when write-back is off.
+    pub(crate) write_back: Option<crate::write_back::WriteBack>,
 }
 
 /// What a write left behind it: the live overlay's entries and the segment
@@ -237,6 +239,9 @@ impl Engine {
             control: tokio::sync::Mutex::new(()),
             cleaner_wake: tokio::sync::Notify::new(),
             read_cache: crate::read_cache::ReadCache::new(cfg.read_cache_bytes),
+            write_back: (cfg.write_back_bytes > 0).then(|| {
+                crate::write_back::WriteBack::new(cfg.write_back_bytes, cfg.write_back_expire)
+            }),
             cfg,
         });
         let engine = Engine { inner };
@@ -330,6 +335,15 @@ impl Engine {
             }
         });
         self.inner.tasks.lock().push(committer);
+        if self.inner.write_back.is_some() {
+            // Landing is CPU work (hashing, lz4): one drainer per CPU.
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+            for _ in 0..n {
+                let weak = Arc::downgrade(&self.inner);
+                let h = self.inner.rt.spawn(crate::write_back::drain(weak));
+                self.inner.tasks.lock().push(h);
+            }
+        }
         if self.inner.cfg.cleaner {
             let weak = Arc::downgrade(&self.inner);
             let h = self.inner.rt.spawn(crate::cleaner::run(weak));
@@ -350,12 +364,14 @@ impl Engine {
 
     /// Make every write completed before this call durable.
     pub async fn flush(&self) -> Result<()> {
+        self.inner.land_buffered().await?;
         self.inner.flush().await
     }
 
     /// Commit everything, stop background work. The engine refuses I/O afterwards.
     pub async fn shutdown(&self) -> Result<()> {
-        let r = self.inner.flush().await;
+        let landed = self.inner.land_buffered().await;
+        let r = landed.and(self.inner.flush().await);
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock());
         for t in tasks {
@@ -447,6 +463,9 @@ impl Engine {
             .cloned()
             .ok_or_else(|| EngineError::VolumeNotFound(name.into()))?;
         v.deleted.store(true, Ordering::SeqCst);
+        if let Some(wb) = &self.inner.write_back {
+            wb.forget_volume(v.id);
+        }
         {
             let mut st = self.inner.state.lock();
             let mut tx = Txn {
@@ -505,6 +524,8 @@ impl Engine {
     pub async fn snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo> {
         validate_name(snapshot)?;
         let src = self.shared(volume)?;
+        // The snapshot holds every write completed before this call.
+        self.inner.land_buffered().await?;
         self.copy_volume(&src, snapshot, true).await
     }
 
@@ -1019,6 +1040,15 @@ impl Inner {
                     return Err(EngineError::FailedPrecondition(why));
                 }
             }
+        }
+    }
+
+    /// Waits until every write buffered so far (see `write_back`) is stored
+    /// in the engine; a later `flush` then makes it durable.
+    pub(crate) async fn land_buffered(&self) -> Result<()> {
+        match &self.write_back {
+            Some(wb) => wb.wait_landed(wb.last_seq()).await,
+            None => Ok(()),
         }
     }
 

@@ -36,6 +36,8 @@ pub enum EngineError {
     CorruptMeta(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    #[error("writes acknowledged earlier could not be stored yet ({0}); they stay buffered and are retried: check the pool and the logs")]
+    WriteBack(String),
 }
 
 impl EngineError {

@@ -22,6 +22,8 @@
 //! - `read_cache`: decoded blocks by identity, shared by all volumes.
 //! - `shard_cache`: the read cache's storage: quick_cache shards with batch
 //!   lookups and updates that lock each shard once per batch.
+//! - `write_back`: completed writes held in memory until a background
+//!   drainer stores them (the page cache's role for a file server).
 //! - `cleaner`: space reclamation.
 //!
 //! docs/ARCHITECTURE.md describes the formats and the crash-recovery argument.
@@ -57,6 +59,7 @@ pub mod shard_cache;
 mod state;
 mod superblock;
 mod volume;
+mod write_back;
 
 pub use config::{
     Compression, DiskOpener, DiskSpec, DiskStats, EngineConfig, NodeStats, VolumeInfo,

@@ -107,6 +107,10 @@ impl LateWrites {
         self.list.retain(|w| w.id != id);
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// Blocks `[first, end)` of `volume` just took effect.
     pub fn supersede(&mut self, volume: u32, first: u64, end: u64) {
         for w in self.list.iter_mut().filter(|w| w.volume == volume) {

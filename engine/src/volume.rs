@@ -168,7 +168,7 @@ fn push_extent(ext: &mut Vec<Extent>, len: u64, hole: bool) {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     let (pre, mid, post) = unsafe {
         // SAFETY: u8 -> u64 reinterpretation; align_to only yields properly aligned u64s.
         b.align_to::<u64>()
@@ -233,21 +233,117 @@ impl Volume {
     }
 
     /// Write `data` at `offset`. Takes effect (visible to readers) before this
-    /// returns the future, unless it covers partial blocks or meets a full
-    /// pool: then it lands later, but never over a write called after it
-    /// (see `state::LateWrites`).
+    /// returns the future, unless it covers partial blocks: then it lands
+    /// later, but never over a write called after it. With write-back on,
+    /// the write is buffered (see `write_back`) and completes at once unless
+    /// the buffer is full or `fua` asks it durable.
     pub fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {
-        if let Err(e) = self.check_write(offset, data.len() as u64) {
+        let Some(wb) = &self.inner.write_back else {
+            return self.write_direct(offset, data, fua);
+        };
+        if let Err(e) = self
+            .check_write(offset, data.len() as u64)
+            .and_then(|()| check_io_len(data.len() as u64, "write"))
+        {
             return Box::pin(std::future::ready(Err(e)));
         }
-        if data.len() as u64 > MAX_IO {
-            return Box::pin(std::future::ready(Err(EngineError::InvalidArgument(
-                format!(
-                    "write of {} bytes exceeds the {} byte limit",
-                    data.len(),
-                    MAX_IO
-                ),
-            ))));
+        if data.is_empty() {
+            return self.complete_buffered(0, fua);
+        }
+        let bs = self.v.block_size as u64;
+        let first = offset / bs;
+        let end = (offset + data.len() as u64).div_ceil(bs);
+        if offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs) {
+            let seq = wb.insert(&self.v, first, Some(data), 0, None);
+            return self.complete_buffered(seq, fua);
+        }
+        let partial = self.register_partial(first, end);
+        let this = self.clone();
+        Box::pin(async move {
+            let rmw = this.v.rmw.lock().await;
+            let merged = this.merge_partial(&rmw, offset, &data).await?;
+            let seq = partial.insert(Some(merged), 0);
+            drop(rmw);
+            this.finish_buffered(seq, fua).await
+        })
+    }
+
+    /// A buffered change's future: ready at once unless it must wait for
+    /// room in the buffer or, with `fua`, for its landing and a commit.
+    fn complete_buffered(&self, seq: u64, fua: bool) -> EngineFuture<()> {
+        let wb = self.inner.write_back.as_ref().expect("write-back is on");
+        if !fua && !wb.over_capacity() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let this = self.clone();
+        Box::pin(async move { this.finish_buffered(seq, fua).await })
+    }
+
+    async fn finish_buffered(&self, seq: u64, fua: bool) -> Result<()> {
+        let wb = self.inner.write_back.as_ref().expect("write-back is on");
+        if fua {
+            wb.wait_landed(seq).await?;
+            self.inner.flush().await
+        } else {
+            wb.wait_room().await
+        }
+    }
+
+    fn register_partial(&self, first: u64, end: u64) -> PartialGuard {
+        let wb = self.inner.write_back.as_ref().expect("write-back is on");
+        let (seq, id) = wb.register_partial(&self.v, first, end);
+        PartialGuard {
+            vol: self.clone(),
+            first,
+            seq,
+            id,
+        }
+    }
+
+    /// The whole blocks a partial write of `data` at `offset` makes: the old
+    /// head and tail blocks, read through the write-back buffer (if on),
+    /// with `data` laid over them. The caller holds the read-modify-write lock.
+    async fn merge_partial(
+        &self,
+        _rmw: &tokio::sync::MutexGuard<'_, ()>,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Bytes> {
+        let bs = self.v.block_size as u64;
+        let first = offset / bs;
+        let end = (offset + data.len() as u64).div_ceil(bs);
+        let mut buf = vec![0u8; ((end - first) * bs) as usize];
+        let head_partial = !offset.is_multiple_of(bs);
+        let tail_partial = !(offset + data.len() as u64).is_multiple_of(bs);
+        if head_partial {
+            let old = concat(self.read_inner(first * bs, bs).await?.parts);
+            buf[..bs as usize].copy_from_slice(&old);
+        }
+        if tail_partial && (end - 1 != first || !head_partial) {
+            let old = concat(self.read_inner((end - 1) * bs, bs).await?.parts);
+            let at = ((end - 1 - first) * bs) as usize;
+            buf[at..at + bs as usize].copy_from_slice(&old);
+        }
+        let at = (offset - first * bs) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        Ok(Bytes::from(buf))
+    }
+
+    /// Lands the volume's buffered writes soon: its client went away.
+    pub fn drain_soon(&self) {
+        if let Some(wb) = &self.inner.write_back {
+            wb.drain_soon();
+        }
+    }
+
+    /// The write path without the write-back buffer (the drainer lands
+    /// buffered writes through it).
+    pub(crate) fn write_direct(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {
+        if let Err(e) = self
+            .check_write(offset, data.len() as u64)
+            .and_then(|()| check_io_len(data.len() as u64, "write"))
+        {
+            return Box::pin(std::future::ready(Err(e)));
         }
         let bs = self.v.block_size as u64;
         let first = offset / bs;
@@ -310,29 +406,13 @@ impl Volume {
     /// volume's read-modify-write lock and registered late write `late`.
     async fn write_unaligned(
         &self,
-        _rmw: &tokio::sync::MutexGuard<'_, ()>,
+        rmw: &tokio::sync::MutexGuard<'_, ()>,
         offset: u64,
         data: &[u8],
         late: u64,
     ) -> Result<()> {
-        let bs = self.v.block_size as u64;
-        let first = offset / bs;
-        let end = (offset + data.len() as u64).div_ceil(bs);
-        let mut buf = vec![0u8; ((end - first) * bs) as usize];
-        let head_partial = !offset.is_multiple_of(bs);
-        let tail_partial = !(offset + data.len() as u64).is_multiple_of(bs);
-        if head_partial {
-            let old = self.read_blocks(first, 1).await?;
-            buf[..bs as usize].copy_from_slice(&old);
-        }
-        if tail_partial && (end - 1 != first || !head_partial) {
-            let old = self.read_blocks(end - 1, 1).await?;
-            let at = ((end - 1 - first) * bs) as usize;
-            buf[at..at + bs as usize].copy_from_slice(&old);
-        }
-        let at = (offset - first * bs) as usize;
-        buf[at..at + data.len()].copy_from_slice(data);
-        let buf = Bytes::from(buf);
+        let first = offset / self.v.block_size as u64;
+        let buf = self.merge_partial(rmw, offset, data).await?;
         match self.write_blocks(first, &buf, Some(late)) {
             Ok(_) => {}
             Err(EngineError::NoSpace) => {
@@ -571,11 +651,7 @@ impl Volume {
     async fn read_inner(&self, offset: u64, len: u64) -> Result<ReadParts> {
         self.check_live()?;
         self.check_range(offset, len)?;
-        if len > MAX_IO {
-            return Err(EngineError::InvalidArgument(format!(
-                "read of {len} bytes exceeds the {MAX_IO} byte limit"
-            )));
-        }
+        check_io_len(len, "read")?;
         if len == 0 {
             return Ok(ReadParts {
                 parts: Vec::new(),
@@ -585,11 +661,98 @@ impl Volume {
         let bs = self.v.block_size as u64;
         let first = offset / bs;
         let end = (offset + len).div_ceil(bs);
+        // The buffer before the engine (see `block_status`).
+        let buffered = self.buffered(first, end);
+        let (mut parts, runs) = if buffered.is_empty() {
+            let (keys, parts) = self.stored_blocks(first, end).await?;
+            (parts, keys.iter().map(|k| (1, k.is_none())).collect())
+        } else {
+            self.overlay_blocks(first, end, buffered).await?
+        };
+        let mut extents = Vec::new();
+        let mut b = first;
+        for (n, hole) in runs {
+            let lo = (b * bs).max(offset);
+            let hi = ((b + n) * bs).min(offset + len);
+            push_extent(&mut extents, hi - lo, hole);
+            b += n;
+        }
+        let skip = (offset - first * bs) as usize;
+        let tail = (end * bs - (offset + len)) as usize;
+        if let Some(p) = parts.first_mut() {
+            *p = p.slice(skip..);
+        }
+        if let Some(p) = parts.last_mut() {
+            *p = p.slice(..p.len() - tail);
+        }
+        Ok(ReadParts { parts, extents })
+    }
+
+    /// The write-back buffer's runs within blocks `[first, end)`.
+    fn buffered(&self, first: u64, end: u64) -> Vec<crate::write_back::Run> {
+        match &self.inner.write_back {
+            Some(wb) => wb.lookup(self.v.id, first, end),
+            None => Vec::new(),
+        }
+    }
+
+    /// Blocks `[first, end)` from the buffered runs `buffered` and, between
+    /// them, the engine: the pieces, and `(blocks, hole)` runs saying which
+    /// read as holes.
+    async fn overlay_blocks(
+        &self,
+        first: u64,
+        end: u64,
+        buffered: Vec<crate::write_back::Run>,
+    ) -> Result<(Vec<Bytes>, Vec<(u64, bool)>)> {
+        let bs = self.v.block_size as u64;
+        let mut parts = Vec::new();
+        let mut runs = Vec::new();
+        let mut buffered = buffered.into_iter().peekable();
+        let mut b = first;
+        while b < end {
+            let gap_end = match buffered.peek() {
+                Some(r) if r.first == b => {
+                    let r = buffered.next().expect("peeked");
+                    let n = r.end - r.first;
+                    runs.push((n, r.data.is_none()));
+                    match r.data {
+                        Some(d) => parts.push(d),
+                        None => {
+                            let mut left = (n * bs) as usize;
+                            while left > 0 {
+                                let k = left.min(ZEROS.len());
+                                parts.push(Bytes::from_static(&ZEROS[..k]));
+                                left -= k;
+                            }
+                        }
+                    }
+                    b = r.end;
+                    continue;
+                }
+                Some(r) => r.first,
+                None => end,
+            };
+            let (keys, p) = self.stored_blocks(b, gap_end).await?;
+            parts.extend(p);
+            runs.extend(keys.iter().map(|k| (1, k.is_none())));
+            b = gap_end;
+        }
+        Ok((parts, runs))
+    }
+
+    /// Blocks `[first, end)` as the engine stores them: their keys and one
+    /// piece per block.
+    async fn stored_blocks(
+        &self,
+        first: u64,
+        end: u64,
+    ) -> Result<(Vec<Option<BlockKey>>, Vec<Bytes>)> {
         let mut attempt = 0;
-        let (keys, mut parts) = loop {
+        loop {
             let keys = self.resolve_keys(first, end - first)?;
             match self.load_blocks(first, &keys).await {
-                Ok(parts) => break (keys, parts),
+                Ok(parts) => return Ok((keys, parts)),
                 // A block overwritten (or trimmed) between looking its key
                 // up and its record: the old record may be gone from the
                 // index, or its segment freed and reused. If the mappings
@@ -604,28 +767,7 @@ impl Volume {
                 }
                 Err(e) => return Err(e),
             }
-        };
-        let mut extents = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
-            let b_start = (first + i as u64) * bs;
-            let lo = b_start.max(offset);
-            let hi = (b_start + bs).min(offset + len);
-            push_extent(&mut extents, hi - lo, k.is_none());
         }
-        let skip = (offset - first * bs) as usize;
-        let tail = (end * bs - (offset + len)) as usize;
-        if let Some(p) = parts.first_mut() {
-            *p = p.slice(skip..);
-        }
-        if let Some(p) = parts.last_mut() {
-            *p = p.slice(..p.len() - tail);
-        }
-        Ok(ReadParts { parts, extents })
-    }
-
-    async fn read_blocks(&self, lba: u64, n: u64) -> Result<Bytes> {
-        let keys = self.resolve_keys(lba, n)?;
-        Ok(concat(self.load_blocks(lba, &keys).await?))
     }
 
     /// One piece per block of `[lba0, lba0 + keys.len())`: cached blocks,
@@ -742,7 +884,50 @@ impl Volume {
     }
 
     /// Unmap `[offset, offset+len)`: trim and write-zeroes (zeros are holes).
+    /// With write-back on, buffered as zeros like any write.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> EngineFuture<()> {
+        let Some(wb) = &self.inner.write_back else {
+            return self.trim_direct(offset, len, fua);
+        };
+        if let Err(e) = self.check_write(offset, len) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let bs = self.v.block_size as u64;
+        let first_full = offset.div_ceil(bs);
+        let end_full = (offset + len) / bs;
+        let seq = if first_full < end_full {
+            let seq = wb.insert(&self.v, first_full, None, end_full - first_full, None);
+            // Landed promptly: an unmap frees space the pool may need, and
+            // who trims expects the volume's usage to drop (fstrim), while
+            // it costs no hashing. Writes before it land first.
+            wb.drain_soon();
+            seq
+        } else {
+            0
+        };
+        let edges: Vec<((u64, u64), PartialGuard)> = edge_ranges(offset, len, bs)
+            .into_iter()
+            .map(|(a, b)| ((a, b), self.register_partial(a / bs, b.div_ceil(bs))))
+            .collect();
+        if edges.is_empty() {
+            return self.complete_buffered(seq, fua);
+        }
+        let this = self.clone();
+        Box::pin(async move {
+            let rmw = this.v.rmw.lock().await;
+            let mut last = seq;
+            for ((a, b), partial) in edges {
+                let zeros = vec![0u8; (b - a) as usize];
+                let merged = this.merge_partial(&rmw, a, &zeros).await?;
+                last = last.max(partial.insert(Some(merged), 0));
+            }
+            drop(rmw);
+            this.finish_buffered(last, fua).await
+        })
+    }
+
+    /// The unmap path without the write-back buffer.
+    pub(crate) fn trim_direct(&self, offset: u64, len: u64, fua: bool) -> EngineFuture<()> {
         if let Err(e) = self.check_write(offset, len) {
             return Box::pin(std::future::ready(Err(e)));
         }
@@ -756,13 +941,8 @@ impl Volume {
         };
         // Partial blocks at either end are zeroed in place, late (see
         // `state::LateWrites`), under one hold of the read-modify-write lock.
-        let head_end = (first_full * bs).min(offset + len);
-        let head = (offset < head_end).then_some((offset, head_end));
-        let tail_start = (end_full * bs).max(head_end);
-        let tail = (tail_start < offset + len).then_some((tail_start, offset + len));
-        let edges: Vec<((u64, u64), LateGuard)> = [head, tail]
+        let edges: Vec<((u64, u64), LateGuard)> = edge_ranges(offset, len, bs)
             .into_iter()
-            .flatten()
             .map(|(a, b)| ((a, b), self.register_late(a / bs, b.div_ceil(bs))))
             .collect();
         let this = self.clone();
@@ -810,9 +990,14 @@ impl Volume {
         Ok(())
     }
 
+    /// Makes every write completed before this call durable, on every
+    /// volume of the node (buffered ones land first).
     pub fn flush(&self) -> EngineFuture<()> {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.flush().await })
+        Box::pin(async move {
+            inner.land_buffered().await?;
+            inner.flush().await
+        })
     }
 
     /// Allocation map of `[offset, offset+len)`; may describe less than asked
@@ -823,13 +1008,20 @@ impl Volume {
         let bs = self.v.block_size as u64;
         let first = offset / bs;
         let end = (offset + len).div_ceil(bs).min(first + (1 << 20));
+        // The buffer before the engine: a write that leaves the buffer has
+        // landed before it left (see `write_back`).
+        let buffered = self.buffered(first, end);
         let keys = self.resolve_keys(first, end - first)?;
+        let mut hole: Vec<bool> = keys.iter().map(Option::is_none).collect();
+        for r in &buffered {
+            hole[(r.first - first) as usize..(r.end - first) as usize].fill(r.data.is_none());
+        }
         let mut ext = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
+        for (i, h) in hole.into_iter().enumerate() {
             let b = (first + i as u64) * bs;
             let lo = b.max(offset);
             let hi = (b + bs).min(offset + len);
-            push_extent(&mut ext, hi - lo, k.is_none());
+            push_extent(&mut ext, hi - lo, h);
         }
         Ok(ext)
     }
@@ -888,6 +1080,13 @@ impl Volume {
         if !self.v.dedup {
             return Ok(false);
         }
+        if !self.buffered(lba, lba + 1).is_empty() {
+            // Mapped here, it would be undone when the buffered write lands.
+            return Err(EngineError::FailedPrecondition(format!(
+                "block {lba} of volume \"{}\" has a buffered write: flush the volume first",
+                self.v.name
+            )));
+        }
         let key = BlockKey::content(*hash);
         let mut st = self.inner.state.lock();
         self.check_live()?; // see `write_blocks`
@@ -917,6 +1116,64 @@ impl Drop for LateGuard {
     fn drop(&mut self) {
         self.inner.state.lock().late.remove(self.id);
     }
+}
+
+/// A registered partial-block write in the write-back buffer, ended when
+/// dropped, however its future ends.
+struct PartialGuard {
+    vol: Volume,
+    first: u64,
+    seq: u64,
+    id: u64,
+}
+
+impl PartialGuard {
+    /// Buffers the merged blocks (see `WriteBack::insert`); returns the
+    /// write's sequence number.
+    fn insert(&self, data: Option<Bytes>, zero_blocks: u64) -> u64 {
+        let wb = self
+            .vol
+            .inner
+            .write_back
+            .as_ref()
+            .expect("write-back is on");
+        wb.insert(
+            &self.vol.v,
+            self.first,
+            data,
+            zero_blocks,
+            Some((self.seq, self.id)),
+        )
+    }
+}
+
+impl Drop for PartialGuard {
+    fn drop(&mut self) {
+        if let Some(wb) = &self.vol.inner.write_back {
+            wb.end_partial(self.vol.v.id, self.id);
+        }
+    }
+}
+
+/// The partial blocks at either end of `[offset, offset + len)`, as byte
+/// ranges.
+fn edge_ranges(offset: u64, len: u64, bs: u64) -> Vec<(u64, u64)> {
+    let first_full = offset.div_ceil(bs);
+    let end_full = (offset + len) / bs;
+    let head_end = (first_full * bs).min(offset + len);
+    let head = (offset < head_end).then_some((offset, head_end));
+    let tail_start = (end_full * bs).max(head_end);
+    let tail = (tail_start < offset + len).then_some((tail_start, offset + len));
+    [head, tail].into_iter().flatten().collect()
+}
+
+fn check_io_len(len: u64, what: &str) -> Result<()> {
+    if len > MAX_IO {
+        return Err(EngineError::InvalidArgument(format!(
+            "{what} of {len} bytes exceeds the {MAX_IO} byte limit"
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) enum ReadFault {

@@ -62,6 +62,21 @@ pub struct Args {
     /// unmapped blocks (rewrites of old data do not churn it).
     #[arg(long, default_value = "auto", value_name = "SIZE|auto", value_parser = parse_cache_arg)]
     pub read_cache: ReadCacheArg,
+    /// Memory for completed writes not yet stored: a size (K/M/G suffixes), `off`, or `auto`, an
+    /// eighth of the memory this process may use (RAM, or the cgroup limit when lower), at least 64M.
+    ///
+    /// Like the page cache under a file-backed NBD server, a write completes once it is in this
+    /// buffer; hashing, deduplication, compression and the metadata commit happen later, and a block
+    /// rewritten before then is stored once. FLUSH and FUA wait until what they cover is stored and
+    /// committed; writes no FLUSH covered are lost on a crash, as NBD allows (clients that need them
+    /// durable flush). Buffered writes are stored once the buffer is half full, when older than
+    /// --write-back-expire, when the volume's last client disconnects, before a snapshot and on
+    /// shutdown. Writers wait while it is full. `off` stores every write before it completes.
+    #[arg(long, default_value = "auto", value_name = "SIZE|auto|off", value_parser = parse_write_back_arg)]
+    pub write_back: WriteBackArg,
+    /// Seconds a buffered write may wait before it is stored (see --write-back).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub write_back_expire: u64,
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -85,6 +100,42 @@ pub enum LogFormat {
 pub enum ReadCacheArg {
     Auto,
     Bytes(u64),
+}
+
+/// `--write-back`: a fixed size (0 or `off`: none), or sized from the memory available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteBackArg {
+    Auto,
+    Bytes(u64),
+}
+
+fn parse_write_back_arg(s: &str) -> Result<WriteBackArg, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(WriteBackArg::Auto);
+    }
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(WriteBackArg::Bytes(0));
+    }
+    ballast_proto::size::parse_size(s)
+        .map(WriteBackArg::Bytes)
+        .map_err(|e| format!("{e} (or `auto`, or `off`)"))
+}
+
+impl WriteBackArg {
+    /// Bytes for the engine's write-back buffer: by default an eighth of
+    /// memory, as the kernel lets a tenth to a fifth of it be dirty page
+    /// cache before writers wait.
+    pub fn bytes(self) -> u64 {
+        match self {
+            WriteBackArg::Bytes(b) => b,
+            WriteBackArg::Auto => auto_write_back(mem_total(), cgroup_limit()),
+        }
+    }
+}
+
+fn auto_write_back(mem_total: Option<u64>, cgroup_limit: Option<u64>) -> u64 {
+    const FLOOR: u64 = 64 << 20;
+    usable_memory(mem_total, cgroup_limit).map_or(512 << 20, |m| (m / 8).max(FLOOR))
 }
 
 fn parse_max_connections(s: &str) -> Result<usize, String> {
@@ -120,13 +171,15 @@ impl ReadCacheArg {
 
 fn auto_read_cache(mem_total: Option<u64>, cgroup_limit: Option<u64>) -> u64 {
     const FLOOR: u64 = 256 << 20;
-    let usable = match (mem_total, cgroup_limit) {
-        (Some(m), Some(c)) => m.min(c),
-        (Some(m), None) => m,
-        (None, Some(c)) => c,
-        (None, None) => return 1 << 30,
-    };
-    (usable / 4).max(FLOOR)
+    usable_memory(mem_total, cgroup_limit).map_or(1 << 30, |m| (m / 4).max(FLOOR))
+}
+
+/// The memory this process may use: RAM, or the cgroup limit when lower.
+fn usable_memory(mem_total: Option<u64>, cgroup_limit: Option<u64>) -> Option<u64> {
+    match (mem_total, cgroup_limit) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
 }
 
 fn mem_total() -> Option<u64> {
@@ -185,9 +238,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         IoBackendArg::Threads => BackendChoice::Threads,
     };
     cfg.read_cache_bytes = args.read_cache.bytes();
+    cfg.write_back_bytes = args.write_back.bytes();
+    cfg.write_back_expire = std::time::Duration::from_secs(args.write_back_expire);
     tracing::info!(
         read_cache_bytes = cfg.read_cache_bytes,
-        "read cache size (--read-cache)"
+        write_back_bytes = cfg.write_back_bytes,
+        write_back_expire_s = args.write_back_expire,
+        "cache sizes (--read-cache, --write-back)"
     );
     cfg.disks = args
         .disks
@@ -294,6 +351,24 @@ mod tests {
         assert_eq!(parse_cache_arg("0"), Ok(ReadCacheArg::Bytes(0)));
         assert_eq!(parse_cache_arg("2G"), Ok(ReadCacheArg::Bytes(2 << 30)));
         assert!(parse_cache_arg("lots").unwrap_err().contains("auto"));
+    }
+
+    #[test]
+    fn write_back_arguments() {
+        assert_eq!(parse_write_back_arg("auto"), Ok(WriteBackArg::Auto));
+        assert_eq!(parse_write_back_arg("off"), Ok(WriteBackArg::Bytes(0)));
+        assert_eq!(parse_write_back_arg("0"), Ok(WriteBackArg::Bytes(0)));
+        assert_eq!(parse_write_back_arg("1G"), Ok(WriteBackArg::Bytes(1 << 30)));
+        assert!(parse_write_back_arg("big").unwrap_err().contains("off"));
+        let args = Args::try_parse_from(["ballastd"]).unwrap();
+        assert_eq!(args.write_back, WriteBackArg::Auto);
+        assert_eq!(args.write_back_expire, 30);
+        assert!(Args::try_parse_from(["ballastd", "--write-back-expire", "0"]).is_err());
+        const G: u64 = 1 << 30;
+        assert_eq!(auto_write_back(Some(24 * G), None), 3 * G);
+        assert_eq!(auto_write_back(Some(24 * G), Some(2 * G)), G / 4);
+        assert_eq!(auto_write_back(Some(256 << 20), None), 64 << 20);
+        assert_eq!(auto_write_back(None, None), 512 << 20);
     }
 
     #[test]

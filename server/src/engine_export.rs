@@ -54,6 +54,7 @@ impl ExportCatalog for EngineCatalog {
         Some(Arc::new(VolumeExport {
             vol,
             lookups: self.lookups.clone(),
+            wrote: Default::default(),
         }))
     }
 }
@@ -61,6 +62,14 @@ impl ExportCatalog for EngineCatalog {
 pub struct VolumeExport {
     vol: Volume,
     lookups: Arc<Semaphore>,
+    /// This connection changed the volume (see `Drop`).
+    wrote: std::sync::atomic::AtomicBool,
+}
+
+impl VolumeExport {
+    fn wrote(&self) {
+        self.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Engine errors as the NBD errno a client should see.
@@ -90,6 +99,16 @@ fn extents(ext: Vec<ballast_engine::Extent>) -> Vec<Extent> {
             zero: e.hole,
         })
         .collect()
+}
+
+impl Drop for VolumeExport {
+    /// The connection closed: what its client wrote and did not flush is
+    /// stored soon rather than when the buffer expires it.
+    fn drop(&mut self) {
+        if self.wrote.load(std::sync::atomic::Ordering::Relaxed) {
+            self.vol.drain_soon();
+        }
+    }
 }
 
 impl Export for VolumeExport {
@@ -124,16 +143,19 @@ impl Export for VolumeExport {
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> ExportFuture<()> {
+        self.wrote();
         map(self.vol.write(offset, data, fua))
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> ExportFuture<()> {
+        self.wrote();
         map(self.vol.trim(offset, len, fua))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, _no_hole: bool) -> ExportFuture<()> {
         // Zero blocks are never stored, so "no hole" and "hole" are the same
         // state here: the range reads as zeros and block status says so.
+        self.wrote();
         map(self.vol.write_zeroes(offset, len, fua))
     }
 
@@ -230,6 +252,7 @@ mod tests {
         let export = VolumeExport {
             vol,
             lookups: lookups.clone(),
+            wrote: Default::default(),
         };
         let len = 1 << 30;
         let mut fut = export.block_status(0, len);

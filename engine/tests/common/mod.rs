@@ -37,6 +37,8 @@ pub struct Harness {
     pub cleaner: bool,
     /// `EngineConfig::block_filter_bytes` (None: the engine's default).
     pub block_filter_bytes: Option<u64>,
+    /// `EngineConfig::write_back_bytes` (0: off, the engine's default).
+    pub write_back_bytes: u64,
     sims: Arc<Mutex<HashMap<PathBuf, Arc<CrashSimDisk>>>>,
 }
 
@@ -49,6 +51,7 @@ impl Harness {
             segment_size: 1 << 20,
             cleaner: false,
             block_filter_bytes: None,
+            write_back_bytes: 0,
             sims: Arc::default(),
         }
     }
@@ -66,6 +69,7 @@ impl Harness {
         cfg.segment_size = self.segment_size;
         cfg.cleaner = self.cleaner;
         cfg.block_filter_bytes = self.block_filter_bytes;
+        cfg.write_back_bytes = self.write_back_bytes;
         // Tests decide when commits happen.
         cfg.commit_interval = Duration::from_secs(3600);
         cfg.meta_cache_bytes = 8 << 20;

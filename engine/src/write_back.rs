@@ -1,0 +1,774 @@
+//! The write-back buffer: completed writes held in memory until the
+//! drainer lands them in the engine, as a page cache holds dirty pages.
+//!
+//! Why: the write path's cost is per block (hash, dedup lookup, lz4, the
+//! metadata commit), paid inline it caps 1 MiB writes at a fraction of what
+//! a server copying into the page cache reaches, and a block rewritten
+//! before it lands is never hashed at all. NBD asks durability only of
+//! FLUSH and FUA, which wait here for what they cover to land.
+//!
+//! Ordering: with write-back on, every change to a volume (writes, trims,
+//! zeroes, read-modify-writes of partial blocks) enters this buffer, which
+//! holds at most one version of each block: an insert replaces what it
+//! overlaps. Reads look here first, then in the engine. Drainers land
+//! writes oldest first, never two overlapping ones at once, and remove a
+//! write's pieces only after it landed, so a block is always readable from
+//! one place or the other, and a newer version (still buffered) always
+//! lands after an older one.
+//! Partial-block writes read the old block first, so they register when
+//! called (as the engine's late writes do) and skip, when they insert, the
+//! blocks that whole-block writes called after them replaced.
+
+use crate::error::{EngineError, Result};
+use crate::state::LateWrites;
+use crate::volume::VolumeShared;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// What a zero run counts against the buffer's size: it holds no data.
+const ZERO_RUN_BYTES: u64 = 64;
+
+/// A run of blocks `[first, end)`: data (`(end - first)` blocks of it) or
+/// zeros (`None`).
+#[derive(Clone, Debug)]
+pub(crate) struct Run {
+    pub first: u64,
+    pub end: u64,
+    pub data: Option<Bytes>,
+}
+
+/// One buffered write, as the drainer lands it.
+pub(crate) struct Job {
+    pub seq: u64,
+    pub volume: Arc<VolumeShared>,
+    pub runs: Vec<Run>,
+}
+
+#[derive(Clone)]
+struct Piece {
+    end: u64,
+    seq: u64,
+    data: Option<Bytes>,
+}
+
+/// A write with pieces still buffered.
+struct Live {
+    volume: u32,
+    first: u64,
+    end: u64,
+    pieces: u32,
+    /// What it holds in memory: every piece is a slice of its buffer.
+    bytes: u64,
+    born: Instant,
+}
+
+struct VolumeDirty {
+    shared: Arc<VolumeShared>,
+    /// By first block; never overlapping.
+    pieces: BTreeMap<u64, Piece>,
+    partial: LateWrites,
+}
+
+#[derive(Clone)]
+enum Failure {
+    NoSpace,
+    Other(String),
+}
+
+#[derive(Default)]
+struct Dirty {
+    volumes: HashMap<u32, VolumeDirty>,
+    /// By sequence number, which is also age order.
+    live: BTreeMap<u64, Live>,
+    next_seq: u64,
+    bytes: u64,
+    /// Writes up to this one are wanted landed now (flush, FUA, snapshot).
+    urgent: u64,
+    /// Why the last landing failed, until one succeeds.
+    failure: Option<Failure>,
+    /// Writes being landed: `(seq, volume, first, end)`.
+    landing: Vec<(u64, u32, u64, u64)>,
+}
+
+pub(crate) struct WriteBack {
+    capacity: u64,
+    /// Past this, the drainer lands writes however young they are.
+    background: u64,
+    expire: Duration,
+    st: Mutex<Dirty>,
+    /// Pieces buffered, so that reads skip the lock when there are none.
+    pieces: AtomicUsize,
+    bytes: AtomicU64,
+    pub wake: Arc<Notify>,
+    progress: Notify,
+}
+
+impl WriteBack {
+    pub fn new(capacity: u64, expire: Duration) -> WriteBack {
+        WriteBack {
+            capacity,
+            background: capacity / 2,
+            expire,
+            st: Mutex::new(Dirty {
+                next_seq: 1,
+                ..Default::default()
+            }),
+            pieces: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            wake: Arc::new(Notify::new()),
+            progress: Notify::new(),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a writer must wait for the drainer before completing.
+    pub fn over_capacity(&self) -> bool {
+        self.bytes() > self.capacity
+    }
+
+    /// The newest write registered so far.
+    pub fn last_seq(&self) -> u64 {
+        self.st.lock().next_seq - 1
+    }
+
+    /// Buffers `data` (whole blocks of `bs` bytes, or `zero_blocks` of
+    /// zeros when `data` is `None`) from block `first`. `partial`: the
+    /// sequence number and late-write id from [`WriteBack::register_partial`]
+    /// of a read-modify-write landing now. Returns the write's sequence
+    /// number.
+    pub fn insert(
+        &self,
+        v: &Arc<VolumeShared>,
+        first: u64,
+        data: Option<Bytes>,
+        zero_blocks: u64,
+        partial: Option<(u64, u64)>,
+    ) -> u64 {
+        let bs = v.block_size as usize;
+        // All-zero blocks become zero runs: no memory, and block status
+        // reports them as the engine will once they land.
+        let (runs, bytes) = match &data {
+            Some(d) => (split_zero_runs(first, d, bs), d.len() as u64),
+            None => (
+                vec![Run {
+                    first,
+                    end: first + zero_blocks,
+                    data: None,
+                }],
+                ZERO_RUN_BYTES,
+            ),
+        };
+        let end = runs.last().map_or(first, |r| r.end);
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        let seq = match partial {
+            Some((seq, _)) => seq,
+            None => {
+                st.next_seq += 1;
+                st.next_seq - 1
+            }
+        };
+        let vd = st.volumes.entry(v.id).or_insert_with(|| VolumeDirty {
+            shared: v.clone(),
+            pieces: BTreeMap::new(),
+            partial: LateWrites::default(),
+        });
+        let skip: Option<Vec<bool>> = partial
+            .and_then(|(_, id)| vd.partial.superseded(id))
+            .map(<[bool]>::to_vec);
+        if partial.is_none() && !vd.partial.is_empty() {
+            vd.partial.supersede(0, first, end);
+        }
+        let mut added = 0u32;
+        for run in runs {
+            match &skip {
+                None => {
+                    added += put(vd, &mut st.live, &mut st.bytes, run, seq, &self.pieces);
+                }
+                Some(skip) => {
+                    // Each sub-run the later writes left to this one.
+                    let mut b = run.first;
+                    while b < run.end {
+                        if skip[(b - first) as usize] {
+                            b += 1;
+                            continue;
+                        }
+                        let e = (b..run.end)
+                            .find(|&x| skip[(x - first) as usize])
+                            .unwrap_or(run.end);
+                        let data = run.data.as_ref().map(|d| {
+                            d.slice((b - run.first) as usize * bs..(e - run.first) as usize * bs)
+                        });
+                        added += put(
+                            vd,
+                            &mut st.live,
+                            &mut st.bytes,
+                            Run {
+                                first: b,
+                                end: e,
+                                data,
+                            },
+                            seq,
+                            &self.pieces,
+                        );
+                        b = e;
+                    }
+                }
+            }
+        }
+        if added > 0 {
+            st.bytes += bytes;
+            st.live.insert(
+                seq,
+                Live {
+                    volume: v.id,
+                    first,
+                    end,
+                    pieces: added,
+                    bytes,
+                    born: Instant::now(),
+                },
+            );
+        }
+        self.bytes.store(st.bytes, Ordering::Relaxed);
+        if st.bytes > self.background {
+            self.wake.notify_waiters();
+        }
+        seq
+    }
+
+    /// A read-modify-write of blocks `[first, end)` begins: returns its
+    /// sequence number and late-write id (end it with `end_partial`).
+    pub fn register_partial(&self, v: &Arc<VolumeShared>, first: u64, end: u64) -> (u64, u64) {
+        let mut st = self.st.lock();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let vd = st.volumes.entry(v.id).or_insert_with(|| VolumeDirty {
+            shared: v.clone(),
+            pieces: BTreeMap::new(),
+            partial: LateWrites::default(),
+        });
+        (seq, vd.partial.register(0, first, end))
+    }
+
+    pub fn end_partial(&self, volume: u32, id: u64) {
+        if let Some(vd) = self.st.lock().volumes.get_mut(&volume) {
+            vd.partial.remove(id);
+        }
+    }
+
+    /// The buffered runs of blocks `[first, end)` of `volume`, clipped to it,
+    /// in order.
+    pub fn lookup(&self, volume: u32, first: u64, end: u64) -> Vec<Run> {
+        if self.pieces.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let st = self.st.lock();
+        let Some(vd) = st.volumes.get(&volume) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let start = match vd.pieces.range(..first).next_back() {
+            Some((&s, p)) if p.end > first => s,
+            _ => first,
+        };
+        for (&s, p) in vd.pieces.range(start..end) {
+            let (lo, hi) = (s.max(first), p.end.min(end));
+            out.push(Run {
+                first: lo,
+                end: hi,
+                data: p.data.as_ref().map(|d| {
+                    let per = d.len() / (p.end - s) as usize;
+                    d.slice((lo - s) as usize * per..(hi - s) as usize * per)
+                }),
+            });
+        }
+        out
+    }
+
+    /// The next write a drainer should land, if any is due, marked as
+    /// being landed until `landed` or `failed`. Skips writes overlapping
+    /// one being landed: the newer must land after the older.
+    pub fn pick(&self) -> Option<Job> {
+        /// How far past the oldest write to look for one free to land.
+        const LOOK_AHEAD: usize = 64;
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        let (&oldest, l) = st.live.first_key_value()?;
+        let due =
+            st.bytes > self.background || oldest <= st.urgent || l.born.elapsed() >= self.expire;
+        if !due {
+            return None;
+        }
+        let (seq, l) = st.live.iter().take(LOOK_AHEAD).find(|(s, l)| {
+            !st.landing.iter().any(|&(ls, lv, lf, le)| {
+                ls == **s || (lv == l.volume && lf < l.end && l.first < le)
+            })
+        })?;
+        let seq = *seq;
+        let vd = st.volumes.get(&l.volume)?;
+        let runs = vd
+            .pieces
+            .range(l.first..l.end)
+            .filter(|(_, p)| p.seq == seq)
+            .map(|(&s, p)| Run {
+                first: s,
+                end: p.end,
+                data: p.data.clone(),
+            })
+            .collect();
+        st.landing.push((seq, l.volume, l.first, l.end));
+        Some(Job {
+            seq,
+            volume: vd.shared.clone(),
+            runs,
+        })
+    }
+
+    /// How long until the oldest write expires (the drainer's next look).
+    pub fn next_due(&self) -> Duration {
+        let st = self.st.lock();
+        st.live.first_key_value().map_or(self.expire, |(_, l)| {
+            self.expire.saturating_sub(l.born.elapsed())
+        })
+    }
+
+    /// `job` landed: its pieces leave the buffer.
+    pub fn landed(&self, job: &Job) {
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        st.landing.retain(|&(s, ..)| s != job.seq);
+        if let Some(l) = st.live.remove(&job.seq) {
+            if let Some(vd) = st.volumes.get_mut(&l.volume) {
+                let gone: Vec<u64> = vd
+                    .pieces
+                    .range(l.first..l.end)
+                    .filter(|(_, p)| p.seq == job.seq)
+                    .map(|(&s, _)| s)
+                    .collect();
+                for s in gone {
+                    vd.pieces.remove(&s);
+                    self.pieces.fetch_sub(1, Ordering::Release);
+                }
+                if vd.pieces.is_empty() && vd.partial.is_empty() {
+                    st.volumes.remove(&l.volume);
+                }
+            }
+            st.bytes -= l.bytes;
+            self.bytes.store(st.bytes, Ordering::Relaxed);
+        }
+        st.failure = None;
+        self.progress.notify_waiters();
+    }
+
+    /// Landing failed; the write stays buffered and is tried again later.
+    pub fn failed(&self, job: &Job, e: &EngineError) {
+        let mut st = self.st.lock();
+        st.landing.retain(|&(s, ..)| s != job.seq);
+        st.failure = Some(match e {
+            EngineError::NoSpace => Failure::NoSpace,
+            e => Failure::Other(e.to_string()),
+        });
+        drop(st);
+        self.progress.notify_waiters();
+    }
+
+    /// `volume` was deleted: what it had buffered goes.
+    pub fn forget_volume(&self, volume: u32) {
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        st.landing.retain(|&(_, v, ..)| v != volume);
+        let Some(vd) = st.volumes.remove(&volume) else {
+            return;
+        };
+        self.pieces.fetch_sub(vd.pieces.len(), Ordering::Release);
+        let seqs: Vec<u64> = st
+            .live
+            .iter()
+            .filter(|(_, l)| l.volume == volume)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in seqs {
+            if let Some(l) = st.live.remove(&s) {
+                st.bytes -= l.bytes;
+            }
+        }
+        self.bytes.store(st.bytes, Ordering::Relaxed);
+        self.progress.notify_waiters();
+    }
+
+    /// Land everything buffered so far soon (a client went away).
+    pub fn drain_soon(&self) {
+        let mut st = self.st.lock();
+        if st.live.is_empty() {
+            return;
+        }
+        st.urgent = st.urgent.max(st.next_seq - 1);
+        drop(st);
+        self.wake.notify_waiters();
+    }
+
+    /// Waits until every write up to `target` has landed.
+    pub async fn wait_landed(&self, target: u64) -> Result<()> {
+        self.wait(|st| {
+            st.urgent = st.urgent.max(target);
+            st.live.first_key_value().is_none_or(|(&s, _)| s > target)
+        })
+        .await
+    }
+
+    /// Waits until the buffer is back under its capacity.
+    pub async fn wait_room(&self) -> Result<()> {
+        self.wait(|st| st.bytes <= self.capacity).await
+    }
+
+    async fn wait(&self, mut done: impl FnMut(&mut Dirty) -> bool) -> Result<()> {
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            {
+                let mut st = self.st.lock();
+                if done(&mut st) {
+                    return Ok(());
+                }
+                match &st.failure {
+                    Some(Failure::NoSpace) => return Err(EngineError::NoSpace),
+                    Some(Failure::Other(why)) => return Err(EngineError::WriteBack(why.clone())),
+                    None => {}
+                }
+            }
+            self.wake.notify_waiters();
+            progress.await;
+        }
+    }
+}
+
+/// Puts `run` in the volume's map, replacing whatever it overlaps. Returns
+/// the pieces added (1, or 0 for an empty run).
+fn put(
+    vd: &mut VolumeDirty,
+    live: &mut BTreeMap<u64, Live>,
+    bytes: &mut u64,
+    run: Run,
+    seq: u64,
+    count: &AtomicUsize,
+) -> u32 {
+    if run.first >= run.end {
+        return 0;
+    }
+    let bs = vd.shared.block_size as usize;
+    let (first, end) = (run.first, run.end);
+    // The pieces it overlaps: the one starting before `first` (if it
+    // reaches in) and every one starting inside.
+    let mut hit: Vec<u64> = Vec::new();
+    if let Some((&s, p)) = vd.pieces.range(..first).next_back() {
+        if p.end > first {
+            hit.push(s);
+        }
+    }
+    hit.extend(vd.pieces.range(first..end).map(|(&s, _)| s));
+    for s in hit {
+        let p = vd.pieces.remove(&s).expect("listed above");
+        count.fetch_sub(1, Ordering::Relaxed);
+        let mut kept = 0u32;
+        if s < first {
+            let data = p
+                .data
+                .as_ref()
+                .map(|d| d.slice(..(first - s) as usize * bs));
+            vd.pieces.insert(
+                s,
+                Piece {
+                    end: first,
+                    seq: p.seq,
+                    data,
+                },
+            );
+            kept += 1;
+        }
+        if p.end > end {
+            let data = p.data.as_ref().map(|d| d.slice((end - s) as usize * bs..));
+            vd.pieces.insert(
+                end,
+                Piece {
+                    end: p.end,
+                    seq: p.seq,
+                    data,
+                },
+            );
+            kept += 1;
+        }
+        count.fetch_add(kept as usize, Ordering::Relaxed);
+        // The replaced write's entry: one piece fewer, or more after a split.
+        if let Some(l) = live.get_mut(&p.seq) {
+            l.pieces = l.pieces + kept - 1;
+            if l.pieces == 0 {
+                // Fully replaced before it landed: it never will.
+                let l = live.remove(&p.seq).expect("present");
+                *bytes -= l.bytes;
+            }
+        }
+    }
+    vd.pieces.insert(
+        first,
+        Piece {
+            end,
+            seq,
+            data: run.data,
+        },
+    );
+    count.fetch_add(1, Ordering::Release);
+    1
+}
+
+/// Splits whole blocks of `data` from block `first` into runs of data and
+/// runs of zeros.
+fn split_zero_runs(first: u64, data: &Bytes, bs: usize) -> Vec<Run> {
+    let n = data.len() / bs;
+    let mut runs: Vec<Run> = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let zero = crate::volume::is_zero(&data[i * bs..(i + 1) * bs]);
+        let mut j = i + 1;
+        while j < n && crate::volume::is_zero(&data[j * bs..(j + 1) * bs]) == zero {
+            j += 1;
+        }
+        runs.push(Run {
+            first: first + i as u64,
+            end: first + j as u64,
+            data: (!zero).then(|| data.slice(i * bs..j * bs)),
+        });
+        i = j;
+    }
+    runs
+}
+
+/// A drainer: lands buffered writes, oldest first, while any is due. The
+/// engine runs one per CPU; `WriteBack::pick` keeps them off each other's
+/// blocks.
+pub(crate) async fn drain(weak: std::sync::Weak<crate::engine::Inner>) {
+    /// After a failed landing: the pool may need the cleaner or a new disk.
+    const RETRY: Duration = Duration::from_secs(1);
+    let wake = match weak.upgrade() {
+        Some(inner) => match &inner.write_back {
+            Some(wb) => wb.wake.clone(),
+            None => return,
+        },
+        None => return,
+    };
+    loop {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let pause = {
+            let Some(inner) = weak.upgrade() else { return };
+            let wb = inner.write_back.as_ref().expect("checked above");
+            match wb.pick() {
+                Some(job) => match land(&inner, &job).await {
+                    Ok(()) => {
+                        wb.landed(&job);
+                        continue;
+                    }
+                    Err(EngineError::VolumeNotFound(_)) => {
+                        wb.forget_volume(job.volume.id);
+                        continue;
+                    }
+                    Err(EngineError::ShuttingDown) => return,
+                    Err(e) => {
+                        tracing::warn!(volume = %job.volume.name, error = %e,
+                            "storing buffered writes failed; retrying");
+                        wb.failed(&job, &e);
+                        drop(inner);
+                        // Not woken early by new writes: they would retry
+                        // at their own rate.
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                },
+                None => wb.next_due().max(Duration::from_millis(10)),
+            }
+        };
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+async fn land(inner: &Arc<crate::engine::Inner>, job: &Job) -> Result<()> {
+    let vol = crate::volume::Volume::new(inner.clone(), job.volume.clone());
+    let bs = job.volume.block_size as u64;
+    for run in &job.runs {
+        match &run.data {
+            Some(d) => vol.write_direct(run.first * bs, d.clone(), false).await?,
+            None => {
+                vol.trim_direct(run.first * bs, (run.end - run.first) * bs, false)
+                    .await?
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Compression;
+    use crate::meta::VolumeRecord;
+
+    const BS: usize = 512;
+
+    fn volume(id: u32) -> Arc<VolumeShared> {
+        Arc::new(VolumeShared::from_record(&VolumeRecord {
+            id,
+            name: format!("v{id}"),
+            size: 1 << 20,
+            block_size: BS as u32,
+            dedup: true,
+            compression: Compression::Lz4,
+            read_only: false,
+            parent: None,
+            created_unix: 0,
+            generation: 0,
+            mapped_blocks: 0,
+        }))
+    }
+
+    fn blocks(fill: &[u8]) -> Bytes {
+        Bytes::from(fill.iter().flat_map(|&b| vec![b; BS]).collect::<Vec<u8>>())
+    }
+
+    /// The buffered content of blocks `[first, end)`: a fill byte per
+    /// block, `None` where nothing is buffered, `Some(0)` for zeros.
+    fn view(wb: &WriteBack, vol: u32, first: u64, end: u64) -> Vec<Option<u8>> {
+        let mut out = vec![None; (end - first) as usize];
+        for r in wb.lookup(vol, first, end) {
+            for b in r.first..r.end {
+                let i = (b - r.first) as usize;
+                out[(b - first) as usize] = Some(r.data.as_ref().map_or(0, |d| d[i * BS]));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_write_replaces_what_it_overlaps_and_releases_what_it_fully_covers() {
+        let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
+        let v = volume(1);
+        let a = wb.insert(&v, 2, Some(blocks(&[1, 1, 1, 1])), 0, None);
+        assert_eq!(wb.bytes(), 4 * BS as u64);
+        // Splits the first write in two, each still a slice of its buffer.
+        let b = wb.insert(&v, 3, Some(blocks(&[2])), 0, None);
+        assert!(b > a);
+        assert_eq!(
+            view(&wb, 1, 0, 8),
+            vec![None, None, Some(1), Some(2), Some(1), Some(1), None, None]
+        );
+        assert_eq!(wb.bytes(), 5 * BS as u64);
+        // Zero blocks in a write are buffered as zeros, not data.
+        wb.insert(&v, 6, Some(blocks(&[0, 3])), 0, None);
+        let runs = wb.lookup(1, 6, 8);
+        assert!(runs[0].data.is_none() && runs[1].data.is_some());
+        // A trim over everything leaves one zero run, and the writes it
+        // replaced no longer count.
+        wb.insert(&v, 0, None, 8, None);
+        assert_eq!(view(&wb, 1, 0, 8), vec![Some(0); 8]);
+        assert_eq!(wb.bytes(), ZERO_RUN_BYTES);
+        assert_eq!(wb.st.lock().live.len(), 1);
+        // Other volumes are apart.
+        assert!(wb.lookup(2, 0, 8).is_empty());
+    }
+
+    #[test]
+    fn lookups_clip_to_the_asked_blocks() {
+        let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
+        let v = volume(1);
+        wb.insert(&v, 0, Some(blocks(&[1, 2, 3, 4, 5, 6])), 0, None);
+        let runs = wb.lookup(1, 2, 4);
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].first, runs[0].end), (2, 4));
+        let d = runs[0].data.as_ref().unwrap();
+        assert_eq!((d.len(), d[0], d[BS]), (2 * BS, 3, 4));
+    }
+
+    #[test]
+    fn a_partial_write_skips_blocks_that_later_whole_block_writes_took() {
+        let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
+        let v = volume(1);
+        // A read-modify-write of blocks 0..3 starts (it reads first)...
+        let (seq, id) = wb.register_partial(&v, 0, 3);
+        // ...a write called after it replaces block 1...
+        let later = wb.insert(&v, 1, Some(blocks(&[9])), 0, None);
+        assert!(later > seq);
+        // ...and when the merged blocks arrive, block 1 stays the later one.
+        wb.insert(&v, 0, Some(blocks(&[5, 5, 5])), 0, Some((seq, id)));
+        wb.end_partial(1, id);
+        assert_eq!(view(&wb, 1, 0, 3), vec![Some(5), Some(9), Some(5)]);
+    }
+
+    #[test]
+    fn drainers_take_oldest_first_and_never_two_overlapping_writes() {
+        let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
+        let v = volume(1);
+        wb.insert(&v, 0, Some(blocks(&[1, 1])), 0, None);
+        wb.insert(&v, 4, Some(blocks(&[2])), 0, None);
+        // Nothing is due: room, young, nobody waiting.
+        assert!(wb.pick().is_none());
+        wb.drain_soon();
+        let first = wb.pick().expect("due after drain_soon");
+        assert_eq!((first.runs[0].first, first.runs[0].end), (0, 2));
+        // A newer write over block 1 while the first lands: it must wait.
+        let newer = wb.insert(&v, 1, Some(blocks(&[3])), 0, None);
+        wb.drain_soon();
+        let second = wb.pick().expect("the write to block 4 is free");
+        assert_eq!(second.runs[0].first, 4);
+        assert!(
+            wb.pick().is_none(),
+            "block 1's newer write overlaps a landing"
+        );
+        wb.landed(&first);
+        // The landed write's remaining piece (block 0) left the buffer;
+        // block 1 is the newer write's.
+        assert_eq!(view(&wb, 1, 0, 2), vec![None, Some(3)]);
+        let third = wb.pick().expect("free once the first landed");
+        assert_eq!(third.seq, newer);
+        wb.landed(&second);
+        wb.landed(&third);
+        assert_eq!(wb.bytes(), 0);
+        assert!(wb.lookup(1, 0, 8).is_empty());
+    }
+
+    #[tokio::test]
+    async fn waiters_see_landings_and_failures() {
+        let wb = Arc::new(WriteBack::new(4 * BS as u64, Duration::from_secs(30)));
+        let v = volume(1);
+        let seq = wb.insert(&v, 0, Some(blocks(&[1, 1, 1, 1, 1, 1])), 0, None);
+        assert!(wb.over_capacity());
+        let waiter = {
+            let wb = wb.clone();
+            tokio::spawn(async move { wb.wait_landed(seq).await })
+        };
+        let job = wb.pick().expect("over capacity: due");
+        wb.failed(&job, &EngineError::NoSpace);
+        assert!(matches!(waiter.await.unwrap(), Err(EngineError::NoSpace)));
+        assert!(matches!(wb.wait_room().await, Err(EngineError::NoSpace)));
+        let job = wb.pick().expect("still buffered after the failure");
+        let waiter = {
+            let wb = wb.clone();
+            tokio::spawn(async move { wb.wait_landed(seq).await })
+        };
+        wb.landed(&job);
+        waiter.await.unwrap().unwrap();
+        wb.wait_room().await.unwrap();
+    }
+}
