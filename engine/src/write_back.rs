@@ -276,22 +276,24 @@ impl WriteBack {
         let Some(vd) = st.volumes.get(&volume) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        let start = match vd.pieces.range(..first).next_back() {
-            Some((&s, p)) if p.end > first => s,
-            _ => first,
-        };
-        for (&s, p) in vd.pieces.range(start..end) {
-            let (lo, hi) = (s.max(first), p.end.min(end));
-            out.push(Run {
-                first: lo,
-                end: hi,
-                data: p.data.as_ref().map(|d| {
-                    let per = d.len() / (p.end - s) as usize;
-                    d.slice((lo - s) as usize * per..(hi - s) as usize * per)
-                }),
-            });
-        }
+        let mut out: Vec<Run> = vd
+            .pieces
+            .range(..end)
+            .rev()
+            .take_while(|(_, p)| p.end > first)
+            .map(|(&s, p)| {
+                let (lo, hi) = (s.max(first), p.end.min(end));
+                Run {
+                    first: lo,
+                    end: hi,
+                    data: p.data.as_ref().map(|d| {
+                        let per = d.len() / (p.end - s) as usize;
+                        d.slice((lo - s) as usize * per..(hi - s) as usize * per)
+                    }),
+                }
+            })
+            .collect();
+        out.reverse();
         out
     }
 
@@ -468,15 +470,32 @@ fn put(
     }
     let bs = vd.shared.block_size as usize;
     let (first, end) = (run.first, run.end);
-    // The pieces it overlaps: the one starting before `first` (if it
-    // reaches in) and every one starting inside.
-    let mut hit: Vec<u64> = Vec::new();
-    if let Some((&s, p)) = vd.pieces.range(..first).next_back() {
-        if p.end > first {
-            hit.push(s);
+    // A rewrite of exactly the blocks of one buffered piece (the common
+    // case under random writes of one size): replaced in place.
+    if let Some(p) = vd.pieces.get_mut(&first) {
+        if p.end == end {
+            let old = std::mem::replace(
+                p,
+                Piece {
+                    end,
+                    seq,
+                    data: run.data,
+                },
+            );
+            replaced(live, bytes, old.seq, 0);
+            return 1;
         }
     }
-    hit.extend(vd.pieces.range(first..end).map(|(&s, _)| s));
+    // The pieces it overlaps: walking back from the last one starting
+    // before `end` while they reach past `first` (they do not overlap
+    // one another, so their ends fall as their starts do).
+    let hit: Vec<u64> = vd
+        .pieces
+        .range(..end)
+        .rev()
+        .take_while(|(_, p)| p.end > first)
+        .map(|(&s, _)| s)
+        .collect();
     for s in hit {
         let p = vd.pieces.remove(&s).expect("listed above");
         count.fetch_sub(1, Ordering::Relaxed);
@@ -509,15 +528,7 @@ fn put(
             kept += 1;
         }
         count.fetch_add(kept as usize, Ordering::Relaxed);
-        // The replaced write's entry: one piece fewer, or more after a split.
-        if let Some(l) = live.get_mut(&p.seq) {
-            l.pieces = l.pieces + kept - 1;
-            if l.pieces == 0 {
-                // Fully replaced before it landed: it never will.
-                let l = live.remove(&p.seq).expect("present");
-                *bytes -= l.bytes;
-            }
-        }
+        replaced(live, bytes, p.seq, kept);
     }
     vd.pieces.insert(
         first,
@@ -529,6 +540,19 @@ fn put(
     );
     count.fetch_add(1, Ordering::Release);
     1
+}
+
+/// A piece of write `seq` was replaced, leaving `kept` pieces of it (0,
+/// or 1 or 2 after a split) in its place.
+fn replaced(live: &mut BTreeMap<u64, Live>, bytes: &mut u64, seq: u64, kept: u32) {
+    if let Some(l) = live.get_mut(&seq) {
+        l.pieces = l.pieces + kept - 1;
+        if l.pieces == 0 {
+            // Fully replaced before it landed: it never will.
+            let l = live.remove(&seq).expect("present");
+            *bytes -= l.bytes;
+        }
+    }
 }
 
 /// Splits whole blocks of `data` from block `first` into runs of data and
@@ -675,6 +699,12 @@ mod tests {
             vec![None, None, Some(1), Some(2), Some(1), Some(1), None, None]
         );
         assert_eq!(wb.bytes(), 5 * BS as u64);
+        // Rewriting exactly that block replaces it in place, and the write
+        // it replaced no longer counts.
+        wb.insert(&v, 3, Some(blocks(&[7])), 0, None);
+        assert_eq!(view(&wb, 1, 3, 4), vec![Some(7)]);
+        assert_eq!(wb.bytes(), 5 * BS as u64);
+        assert!(!wb.st.lock().live.contains_key(&b));
         // Zero blocks in a write are buffered as zeros, not data.
         wb.insert(&v, 6, Some(blocks(&[0, 3])), 0, None);
         let runs = wb.lookup(1, 6, 8);
