@@ -65,6 +65,9 @@ struct Live {
     /// What it holds in memory: every piece is a slice of its buffer.
     bytes: u64,
     born: Instant,
+    /// Zeros only (a trim, a write of zeros): landing it needs no space
+    /// and may free some.
+    unmap: bool,
 }
 
 struct VolumeDirty {
@@ -168,6 +171,7 @@ impl WriteBack {
             ),
         };
         let end = runs.last().map_or(first, |r| r.end);
+        let unmap = runs.iter().all(|r| r.data.is_none());
         let mut st = self.st.lock();
         let st = &mut *st;
         let seq = match partial {
@@ -236,6 +240,7 @@ impl WriteBack {
                     pieces: added,
                     bytes,
                     born: Instant::now(),
+                    unmap,
                 },
             );
         }
@@ -311,11 +316,20 @@ impl WriteBack {
         if !due {
             return None;
         }
-        let (seq, l) = st.live.iter().take(LOOK_AHEAD).find(|(s, l)| {
+        let free = |(s, l): &(&u64, &Live)| {
             !st.landing.iter().any(|&(ls, lv, lf, le)| {
                 ls == **s || (lv == l.volume && lf < l.end && l.first < le)
             })
-        })?;
+        };
+        // With the pool full, unmaps first, wherever they are in the
+        // queue: they need no space and may free what the others need.
+        // Any order is safe while no two overlapping writes land at once,
+        // since the buffer holds one version of each block.
+        let unmaps_first = matches!(st.failure, Some(Failure::NoSpace));
+        let (seq, l) = unmaps_first
+            .then(|| st.live.iter().filter(|(_, l)| l.unmap).find(free))
+            .flatten()
+            .or_else(|| st.live.iter().take(LOOK_AHEAD).find(free))?;
         let seq = *seq;
         let vd = st.volumes.get(&l.volume)?;
         let runs = vd
@@ -344,8 +358,9 @@ impl WriteBack {
         })
     }
 
-    /// `job` landed: its pieces leave the buffer.
-    pub fn landed(&self, job: &Job) {
+    /// `job` landed: its pieces leave the buffer. Returns whether this
+    /// ended a run of failures.
+    pub fn landed(&self, job: &Job) -> bool {
         let mut st = self.st.lock();
         let st = &mut *st;
         st.landing.retain(|&(s, ..)| s != job.seq);
@@ -368,20 +383,31 @@ impl WriteBack {
             st.bytes -= l.bytes;
             self.bytes.store(st.bytes, Ordering::Relaxed);
         }
-        st.failure = None;
+        // An unmap landing says nothing of whether data fits again.
+        let recovered = job.runs.iter().any(|r| r.data.is_some()) && st.failure.take().is_some();
         self.progress.notify_waiters();
+        recovered
     }
 
     /// Landing failed; the write stays buffered and is tried again later.
-    pub fn failed(&self, job: &Job, e: &EngineError) {
+    /// Returns whether this failure is new (the last landing worked, or
+    /// failed otherwise), for logging it once.
+    pub fn failed(&self, job: &Job, e: &EngineError) -> bool {
         let mut st = self.st.lock();
         st.landing.retain(|&(s, ..)| s != job.seq);
-        st.failure = Some(match e {
+        let now = match e {
             EngineError::NoSpace => Failure::NoSpace,
             e => Failure::Other(e.to_string()),
-        });
+        };
+        let new = match (&st.failure, &now) {
+            (Some(Failure::NoSpace), Failure::NoSpace) => false,
+            (Some(Failure::Other(a)), Failure::Other(b)) => a != b,
+            _ => true,
+        };
+        st.failure = Some(now);
         drop(st);
         self.progress.notify_waiters();
+        new
     }
 
     /// `volume` was deleted: what it had buffered goes.
@@ -600,7 +626,9 @@ pub(crate) async fn drain(weak: std::sync::Weak<crate::engine::Inner>) {
             match wb.pick() {
                 Some(job) => match land(&inner, &job).await {
                     Ok(()) => {
-                        wb.landed(&job);
+                        if wb.landed(&job) {
+                            tracing::info!("storing buffered writes works again");
+                        }
                         continue;
                     }
                     Err(EngineError::VolumeNotFound(_)) => {
@@ -609,9 +637,10 @@ pub(crate) async fn drain(weak: std::sync::Weak<crate::engine::Inner>) {
                     }
                     Err(EngineError::ShuttingDown) => return,
                     Err(e) => {
-                        tracing::warn!(volume = %job.volume.name, error = %e,
-                            "storing buffered writes failed; retrying");
-                        wb.failed(&job, &e);
+                        if wb.failed(&job, &e) {
+                            tracing::warn!(volume = %job.volume.name, error = %e,
+                                "storing buffered writes failed; retrying every second (FLUSH and FUA fail meanwhile)");
+                        }
                         drop(inner);
                         // Not woken early by new writes: they would retry
                         // at their own rate.
@@ -776,6 +805,29 @@ mod tests {
         wb.landed(&third);
         assert_eq!(wb.bytes(), 0);
         assert!(wb.lookup(1, 0, 8).is_empty());
+    }
+
+    #[test]
+    fn a_full_pool_lands_unmaps_first_wherever_they_wait() {
+        let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
+        let v = volume(1);
+        for b in 0..100 {
+            wb.insert(&v, b, Some(blocks(&[1])), 0, None);
+        }
+        let trim = wb.insert(&v, 200, None, 8, None);
+        wb.drain_soon();
+        let job = wb.pick().unwrap();
+        assert_eq!(job.seq, 1, "oldest first while writes land");
+        assert!(wb.failed(&job, &EngineError::NoSpace), "a new failure");
+        let job = wb.pick().unwrap();
+        assert_eq!(job.seq, trim, "with the pool full, the unmap goes first");
+        // Its landing does not say the pool has room again.
+        assert!(!wb.landed(&job));
+        let job = wb.pick().unwrap();
+        assert!(!wb.failed(&job, &EngineError::NoSpace), "the same failure");
+        // A data write that lands ends the failure.
+        let job = wb.pick().unwrap();
+        assert!(wb.landed(&job));
     }
 
     #[tokio::test]
