@@ -70,8 +70,9 @@ pub struct Args {
     /// rewritten before then is stored once. FLUSH and FUA wait until what they cover is stored and
     /// committed; writes no FLUSH covered are lost on a crash, as NBD allows (clients that need them
     /// durable flush). Buffered writes are stored once the buffer is half full, when older than
-    /// --write-back-expire, when the volume's last client disconnects, before a snapshot and on
-    /// shutdown. Writers wait while it is full. `off` stores every write before it completes.
+    /// --write-back-expire, when a client that wrote disconnects, after a trim, before a snapshot
+    /// and on shutdown. Writers wait while it is full. `off` stores every write before it
+    /// completes.
     #[arg(long, default_value = "auto", value_name = "SIZE|auto|off", value_parser = parse_write_back_arg)]
     pub write_back: WriteBackArg,
     /// Seconds a buffered write may wait before it is stored (see --write-back).
