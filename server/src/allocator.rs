@@ -22,8 +22,9 @@
 //! buffer keeps each 4 KiB write's own buffer until a rewrite or its
 //! landing frees it, so the heap grows and shrinks in scattered small
 //! pieces; with huge pages, the kernel cleared 2 MiB at a fault and again
-//! after each purge split one, and page clearing took half of ballastd's
-//! CPU under random 4 KiB writes (0.5% without).
+//! after each purge split one, and page clearing took 21-54% of ballastd's
+//! CPU under random 4 KiB writes (0.5% without; with the change below it,
+//! 83 -> 129 k writes per second through NBD, docs/benchmarks.md session 24).
 
 use std::ffi::c_long;
 
