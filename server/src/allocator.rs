@@ -23,8 +23,9 @@
 //! landing frees it, so the heap grows and shrinks in scattered small
 //! pieces; with huge pages, the kernel cleared 2 MiB at a fault and again
 //! after each purge split one, and page clearing took 21-54% of ballastd's
-//! CPU under random 4 KiB writes (0.5% without; with the change below it,
-//! 83 -> 129 k writes per second through NBD, docs/benchmarks.md session 24).
+//! CPU under random 4 KiB writes (0.5% without; together with in-place
+//! rewrites in the write-back buffer, 83 -> 129 k writes per second through
+//! NBD: docs/benchmarks.md, session 24).
 
 use std::ffi::c_long;
 
