@@ -20,6 +20,7 @@ use crate::key::{BlockKey, RecordMeta};
 use crate::meta::{CacheFill, VolumeRecord};
 use crate::record::{self, HEADER_LEN};
 use crate::state::Txn;
+use crate::write_back::Change;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::future::Future;
@@ -254,7 +255,7 @@ impl Volume {
         let first = offset / bs;
         let end = (offset + data.len() as u64).div_ceil(bs);
         if offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs) {
-            let seq = wb.insert(&self.v, first, Some(data), 0, None);
+            let seq = wb.insert(&self.v, first, Change::Data(data), None);
             return self.complete_buffered(seq, fua);
         }
         let partial = self.register_partial(first, end);
@@ -262,7 +263,7 @@ impl Volume {
         Box::pin(async move {
             let rmw = this.v.rmw.lock().await;
             let merged = this.merge_partial(&rmw, offset, &data).await?;
-            let seq = partial.insert(Some(merged), 0);
+            let seq = partial.insert(merged);
             drop(rmw);
             this.finish_buffered(seq, fua).await
         })
@@ -896,7 +897,12 @@ impl Volume {
         let first_full = offset.div_ceil(bs);
         let end_full = (offset + len) / bs;
         let seq = if first_full < end_full {
-            let seq = wb.insert(&self.v, first_full, None, end_full - first_full, None);
+            let seq = wb.insert(
+                &self.v,
+                first_full,
+                Change::Zeros(end_full - first_full),
+                None,
+            );
             // Landed promptly: an unmap frees space the pool may need, and
             // who trims expects the volume's usage to drop (fstrim), while
             // it costs no hashing. Writes before it land first.
@@ -919,7 +925,7 @@ impl Volume {
             for ((a, b), partial) in edges {
                 let zeros = vec![0u8; (b - a) as usize];
                 let merged = this.merge_partial(&rmw, a, &zeros).await?;
-                last = last.max(partial.insert(Some(merged), 0));
+                last = last.max(partial.insert(merged));
             }
             drop(rmw);
             this.finish_buffered(last, fua).await
@@ -1130,7 +1136,7 @@ struct PartialGuard {
 impl PartialGuard {
     /// Buffers the merged blocks (see `WriteBack::insert`); returns the
     /// write's sequence number.
-    fn insert(&self, data: Option<Bytes>, zero_blocks: u64) -> u64 {
+    fn insert(&self, merged: Bytes) -> u64 {
         let wb = self
             .vol
             .inner
@@ -1140,8 +1146,7 @@ impl PartialGuard {
         wb.insert(
             &self.vol.v,
             self.first,
-            data,
-            zero_blocks,
+            Change::Data(merged),
             Some((self.seq, self.id)),
         )
     }

@@ -42,6 +42,14 @@ pub(crate) struct Run {
     pub data: Option<Bytes>,
 }
 
+/// What a write sets its blocks to.
+pub(crate) enum Change {
+    /// Whole blocks of data.
+    Data(Bytes),
+    /// This many blocks of zeros (a trim, write-zeroes).
+    Zeros(u64),
+}
+
 /// One buffered write, as the drainer lands it.
 pub(crate) struct Job {
     pub seq: u64,
@@ -98,6 +106,25 @@ struct Dirty {
     landing: Vec<(u64, u32, u64, u64)>,
 }
 
+impl Dirty {
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+}
+
+/// `v`'s buffered state, made on its first use.
+fn volume_entry<'a>(
+    volumes: &'a mut HashMap<u32, VolumeDirty>,
+    v: &Arc<VolumeShared>,
+) -> &'a mut VolumeDirty {
+    volumes.entry(v.id).or_insert_with(|| VolumeDirty {
+        shared: v.clone(),
+        pieces: BTreeMap::new(),
+        partial: LateWrites::default(),
+    })
+}
+
 pub(crate) struct WriteBack {
     capacity: u64,
     /// Past this, the drainer lands writes however young they are.
@@ -143,28 +170,25 @@ impl WriteBack {
         self.st.lock().next_seq - 1
     }
 
-    /// Buffers `data` (whole blocks of `bs` bytes, or `zero_blocks` of
-    /// zeros when `data` is `None`) from block `first`. `partial`: the
-    /// sequence number and late-write id from [`WriteBack::register_partial`]
-    /// of a read-modify-write landing now. Returns the write's sequence
-    /// number.
+    /// Buffers `change` from block `first`. `partial`: the sequence number
+    /// and late-write id from [`WriteBack::register_partial`] of a
+    /// read-modify-write landing now. Returns the write's sequence number.
     pub fn insert(
         &self,
         v: &Arc<VolumeShared>,
         first: u64,
-        data: Option<Bytes>,
-        zero_blocks: u64,
+        change: Change,
         partial: Option<(u64, u64)>,
     ) -> u64 {
         let bs = v.block_size as usize;
         // All-zero blocks become zero runs: no memory, and block status
         // reports them as the engine will once they land.
-        let (runs, bytes) = match &data {
-            Some(d) => (split_zero_runs(first, d, bs), d.len() as u64),
-            None => (
+        let (runs, bytes) = match &change {
+            Change::Data(d) => (split_zero_runs(first, d, bs), d.len() as u64),
+            Change::Zeros(n) => (
                 vec![Run {
                     first,
-                    end: first + zero_blocks,
+                    end: first + n,
                     data: None,
                 }],
                 ZERO_RUN_BYTES,
@@ -176,16 +200,9 @@ impl WriteBack {
         let st = &mut *st;
         let seq = match partial {
             Some((seq, _)) => seq,
-            None => {
-                st.next_seq += 1;
-                st.next_seq - 1
-            }
+            None => st.take_seq(),
         };
-        let vd = st.volumes.entry(v.id).or_insert_with(|| VolumeDirty {
-            shared: v.clone(),
-            pieces: BTreeMap::new(),
-            partial: LateWrites::default(),
-        });
+        let vd = volume_entry(&mut st.volumes, v);
         let skip: Option<Vec<bool>> = partial
             .and_then(|(_, id)| vd.partial.superseded(id))
             .map(<[bool]>::to_vec);
@@ -255,14 +272,13 @@ impl WriteBack {
     /// sequence number and late-write id (end it with `end_partial`).
     pub fn register_partial(&self, v: &Arc<VolumeShared>, first: u64, end: u64) -> (u64, u64) {
         let mut st = self.st.lock();
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        let vd = st.volumes.entry(v.id).or_insert_with(|| VolumeDirty {
-            shared: v.clone(),
-            pieces: BTreeMap::new(),
-            partial: LateWrites::default(),
-        });
-        (seq, vd.partial.register(0, first, end))
+        let seq = st.take_seq();
+        (
+            seq,
+            volume_entry(&mut st.volumes, v)
+                .partial
+                .register(0, first, end),
+        )
     }
 
     pub fn end_partial(&self, volume: u32, id: u64) {
@@ -718,10 +734,10 @@ mod tests {
     fn a_write_replaces_what_it_overlaps_and_releases_what_it_fully_covers() {
         let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
         let v = volume(1);
-        let a = wb.insert(&v, 2, Some(blocks(&[1, 1, 1, 1])), 0, None);
+        let a = wb.insert(&v, 2, Change::Data(blocks(&[1, 1, 1, 1])), None);
         assert_eq!(wb.bytes(), 4 * BS as u64);
         // Splits the first write in two, each still a slice of its buffer.
-        let b = wb.insert(&v, 3, Some(blocks(&[2])), 0, None);
+        let b = wb.insert(&v, 3, Change::Data(blocks(&[2])), None);
         assert!(b > a);
         assert_eq!(
             view(&wb, 1, 0, 8),
@@ -730,17 +746,17 @@ mod tests {
         assert_eq!(wb.bytes(), 5 * BS as u64);
         // Rewriting exactly that block replaces it in place, and the write
         // it replaced no longer counts.
-        wb.insert(&v, 3, Some(blocks(&[7])), 0, None);
+        wb.insert(&v, 3, Change::Data(blocks(&[7])), None);
         assert_eq!(view(&wb, 1, 3, 4), vec![Some(7)]);
         assert_eq!(wb.bytes(), 5 * BS as u64);
         assert!(!wb.st.lock().live.contains_key(&b));
         // Zero blocks in a write are buffered as zeros, not data.
-        wb.insert(&v, 6, Some(blocks(&[0, 3])), 0, None);
+        wb.insert(&v, 6, Change::Data(blocks(&[0, 3])), None);
         let runs = wb.lookup(1, 6, 8);
         assert!(runs[0].data.is_none() && runs[1].data.is_some());
         // A trim over everything leaves one zero run, and the writes it
         // replaced no longer count.
-        wb.insert(&v, 0, None, 8, None);
+        wb.insert(&v, 0, Change::Zeros(8), None);
         assert_eq!(view(&wb, 1, 0, 8), vec![Some(0); 8]);
         assert_eq!(wb.bytes(), ZERO_RUN_BYTES);
         assert_eq!(wb.st.lock().live.len(), 1);
@@ -752,7 +768,7 @@ mod tests {
     fn lookups_clip_to_the_asked_blocks() {
         let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
         let v = volume(1);
-        wb.insert(&v, 0, Some(blocks(&[1, 2, 3, 4, 5, 6])), 0, None);
+        wb.insert(&v, 0, Change::Data(blocks(&[1, 2, 3, 4, 5, 6])), None);
         let runs = wb.lookup(1, 2, 4);
         assert_eq!(runs.len(), 1);
         assert_eq!((runs[0].first, runs[0].end), (2, 4));
@@ -767,10 +783,10 @@ mod tests {
         // A read-modify-write of blocks 0..3 starts (it reads first)...
         let (seq, id) = wb.register_partial(&v, 0, 3);
         // ...a write called after it replaces block 1...
-        let later = wb.insert(&v, 1, Some(blocks(&[9])), 0, None);
+        let later = wb.insert(&v, 1, Change::Data(blocks(&[9])), None);
         assert!(later > seq);
         // ...and when the merged blocks arrive, block 1 stays the later one.
-        wb.insert(&v, 0, Some(blocks(&[5, 5, 5])), 0, Some((seq, id)));
+        wb.insert(&v, 0, Change::Data(blocks(&[5, 5, 5])), Some((seq, id)));
         wb.end_partial(1, id);
         assert_eq!(view(&wb, 1, 0, 3), vec![Some(5), Some(9), Some(5)]);
     }
@@ -779,15 +795,15 @@ mod tests {
     fn drainers_take_oldest_first_and_never_two_overlapping_writes() {
         let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
         let v = volume(1);
-        wb.insert(&v, 0, Some(blocks(&[1, 1])), 0, None);
-        wb.insert(&v, 4, Some(blocks(&[2])), 0, None);
+        wb.insert(&v, 0, Change::Data(blocks(&[1, 1])), None);
+        wb.insert(&v, 4, Change::Data(blocks(&[2])), None);
         // Nothing is due: room, young, nobody waiting.
         assert!(wb.pick().is_none());
         wb.drain_soon();
         let first = wb.pick().expect("due after drain_soon");
         assert_eq!((first.runs[0].first, first.runs[0].end), (0, 2));
         // A newer write over block 1 while the first lands: it must wait.
-        let newer = wb.insert(&v, 1, Some(blocks(&[3])), 0, None);
+        let newer = wb.insert(&v, 1, Change::Data(blocks(&[3])), None);
         wb.drain_soon();
         let second = wb.pick().expect("the write to block 4 is free");
         assert_eq!(second.runs[0].first, 4);
@@ -812,9 +828,9 @@ mod tests {
         let wb = WriteBack::new(1 << 20, Duration::from_secs(30));
         let v = volume(1);
         for b in 0..100 {
-            wb.insert(&v, b, Some(blocks(&[1])), 0, None);
+            wb.insert(&v, b, Change::Data(blocks(&[1])), None);
         }
-        let trim = wb.insert(&v, 200, None, 8, None);
+        let trim = wb.insert(&v, 200, Change::Zeros(8), None);
         wb.drain_soon();
         let job = wb.pick().unwrap();
         assert_eq!(job.seq, 1, "oldest first while writes land");
@@ -834,7 +850,7 @@ mod tests {
     async fn waiters_see_landings_and_failures() {
         let wb = Arc::new(WriteBack::new(4 * BS as u64, Duration::from_secs(30)));
         let v = volume(1);
-        let seq = wb.insert(&v, 0, Some(blocks(&[1, 1, 1, 1, 1, 1])), 0, None);
+        let seq = wb.insert(&v, 0, Change::Data(blocks(&[1, 1, 1, 1, 1, 1])), None);
         assert!(wb.over_capacity());
         let waiter = {
             let wb = wb.clone();
