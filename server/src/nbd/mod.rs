@@ -5,11 +5,13 @@
 //! * [`proto`]: the wire format — `ballast_proto::nbd`, the codec shared
 //!   with the client — plus the flat constant names the server uses.
 //! * `handshake`: fixed newstyle option haggling.
+//! * `busy_poll`: waiting for a connection's next request without sleeping.
 //! * `transmission`: the pipelined request loop and reply writer.
 //! * [`server`]: [`NbdServer`] (accept loop, graceful shutdown) and
 //!   [`NbdConfig`].
 //! * [`memory_export`]: an in-memory export for tests.
 
+mod busy_poll;
 pub mod export;
 mod handshake;
 pub mod memory_export;

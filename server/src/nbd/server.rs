@@ -22,6 +22,12 @@ use super::transmission;
 /// `--max-nbd-connections`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
+/// Default of [`NbdConfig::busy_poll`] (and ballastd's `--nbd-busy-poll`):
+/// longer than a fast client's turnaround between one reply and its next
+/// request (tens of microseconds), short enough to cost little when it
+/// does not come.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(100);
+
 /// At most one "connection limit reached" warning per this interval.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -62,6 +68,10 @@ pub struct NbdConfig {
     /// Receive buffer size per connection (many small pipelined requests are
     /// read with one syscall; large payloads bypass it).
     pub read_buffer: usize,
+    /// How long a connection polls for its next request before its task
+    /// sleeps (zero: never). Keeps the vCPU awake for a client that sends
+    /// one request at a time; see `busy_poll`.
+    pub busy_poll: Duration,
 }
 
 impl Default for NbdConfig {
@@ -77,6 +87,7 @@ impl Default for NbdConfig {
             structured_replies: true,
             extended_headers: true,
             read_buffer: 32 * 1024,
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }

@@ -25,10 +25,11 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::task::noop_waker_ref;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::busy_poll::{BusyPoll, IncomingCpu};
 use super::export::{Export, ExportError, ExportFuture, Extent, Payload};
 use super::handshake::Negotiated;
 use super::proto::{self, HeaderMode, ReplyHeader, Request};
@@ -140,6 +141,9 @@ struct Reader<'a, R> {
     /// overlaps one waits for it, so a connection's overlapping writes take
     /// effect in arrival order.
     offloaded: Vec<(u64, u64, oneshot::Receiver<()>)>,
+    busy_poll: BusyPoll,
+    /// The number of permits `req_sem` started with.
+    max_in_flight: usize,
 }
 
 /// Runs the transmission phase until the client disconnects, a protocol
@@ -156,7 +160,7 @@ pub(crate) async fn serve<R, W>(
     stop: CancellationToken,
 ) -> Closed
 where
-    R: AsyncRead + Unpin + Send + Sync,
+    R: AsyncBufRead + IncomingCpu + Unpin + Send + Sync,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let max_in_flight = cfg.max_in_flight.max(1);
@@ -190,6 +194,8 @@ where
         stop: conn_stop.clone(),
         dirty: false,
         offloaded: Vec::new(),
+        busy_poll: BusyPoll::new(cfg.busy_poll),
+        max_in_flight,
     };
     let end = r.run().await;
     let dirty = r.dirty;
@@ -228,11 +234,12 @@ impl Drop for WriterTask {
     }
 }
 
-impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
+impl<R: AsyncBufRead + IncomingCpu + Unpin + Send + Sync> Reader<'_, R> {
     async fn run(&mut self) -> End {
         let hlen = self.mode.request_len();
         let mut hdr = [0u8; proto::EXTENDED_REQUEST_LEN];
         loop {
+            self.busy_poll.wait(&mut self.rd).await;
             let read = match unless_stopped(&self.stop, self.rd.read_exact(&mut hdr[..hlen])).await
             {
                 Ok(r) => r,
@@ -250,6 +257,12 @@ impl<R: AsyncRead + Unpin + Send + Sync> Reader<'_, R> {
             if req.kind == proto::CMD_DISC {
                 return End::Disc;
             }
+            let moves = match req.kind {
+                proto::CMD_READ | proto::CMD_WRITE => req.length,
+                _ => 0,
+            };
+            let alone = self.req_sem.available_permits() == self.max_in_flight;
+            self.busy_poll.note_request(moves, alone);
             match self.handle(req).await {
                 Ok(()) => {}
                 Err(end) => return end,
