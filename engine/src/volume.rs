@@ -53,7 +53,7 @@ const COALESCE_GAP: u64 = 64 << 10;
 /// "free room" alone would admit every block of the stream, each copied in
 /// and dropped again at the next pass: that churn was 18% of ballastd's CPU
 /// under 1 MiB overwrites.
-const CACHE_WRITES_UP_TO: usize = 256 << 10;
+pub(crate) const CACHE_WRITES_UP_TO: usize = 256 << 10;
 /// Unmaps hold the state lock for at most this many blocks at a time.
 const UNMAP_CHUNK: u64 = 64 * 1024;
 

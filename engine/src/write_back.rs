@@ -33,6 +33,10 @@ use tokio::sync::Notify;
 /// What a zero run counts against the buffer's size: it holds no data.
 const ZERO_RUN_BYTES: u64 = 64;
 
+/// Most bytes of adjacent writes one landing gathers: the largest write
+/// over mapped blocks whose blocks the engine still caches for reads.
+const GATHER_BYTES: u64 = crate::volume::CACHE_WRITES_UP_TO as u64;
+
 /// A run of blocks `[first, end)`: data (`(end - first)` blocks of it) or
 /// zeros (`None`).
 #[derive(Clone, Debug)]
@@ -50,10 +54,14 @@ pub(crate) enum Change {
     Zeros(u64),
 }
 
-/// One buffered write, as the drainer lands it.
+/// Buffered writes to land together: one write, or several adjacent
+/// one-piece writes gathered into one run of blocks (see `WriteBack::pick`).
 pub(crate) struct Job {
-    pub seq: u64,
+    /// The writes, the one picked first.
+    pub seqs: Vec<u64>,
     pub volume: Arc<VolumeShared>,
+    /// In block order, not overlapping; adjacent data runs land as one
+    /// write.
     pub runs: Vec<Run>,
 }
 
@@ -76,6 +84,8 @@ struct Live {
     /// Zeros only (a trim, a write of zeros): landing it needs no space
     /// and may free some.
     unmap: bool,
+    /// In a job being landed.
+    landing: bool,
 }
 
 struct VolumeDirty {
@@ -102,7 +112,8 @@ struct Dirty {
     urgent: u64,
     /// Why the last landing failed, until one succeeds.
     failure: Option<Failure>,
-    /// Writes being landed: `(seq, volume, first, end)`.
+    /// Jobs being landed: `(first seq, volume, first, end)`, the blocks
+    /// each may write.
     landing: Vec<(u64, u32, u64, u64)>,
 }
 
@@ -258,6 +269,7 @@ impl WriteBack {
                     bytes,
                     born: Instant::now(),
                     unmap,
+                    landing: false,
                 },
             );
         }
@@ -321,6 +333,13 @@ impl WriteBack {
     /// The next write a drainer should land, if any is due, marked as
     /// being landed until `landed` or `failed`. Skips writes overlapping
     /// one being landed: the newer must land after the older.
+    ///
+    /// A write of one run of data gathers the one-piece data writes next
+    /// to it, up to [`GATHER_BYTES`]: random small writes then land as
+    /// runs of blocks in block order (one engine write, one metadata
+    /// update and contiguous segment space per run, instead of one each
+    /// per block), and their blocks enter the read cache as copies made
+    /// together rather than as each request's own scattered buffer.
     pub fn pick(&self) -> Option<Job> {
         /// How far past the oldest write to look for one free to land.
         const LOOK_AHEAD: usize = 64;
@@ -332,23 +351,26 @@ impl WriteBack {
         if !due {
             return None;
         }
-        let free = |(s, l): &(&u64, &Live)| {
-            !st.landing.iter().any(|&(ls, lv, lf, le)| {
-                ls == **s || (lv == l.volume && lf < l.end && l.first < le)
-            })
+        let landing = &st.landing;
+        let free = |volume: u32, first: u64, end: u64| {
+            !landing
+                .iter()
+                .any(|&(_, lv, lf, le)| lv == volume && lf < end && first < le)
         };
         // With the pool full, unmaps first, wherever they are in the
         // queue: they need no space and may free what the others need.
         // Any order is safe while no two overlapping writes land at once,
         // since the buffer holds one version of each block.
         let unmaps_first = matches!(st.failure, Some(Failure::NoSpace));
+        let free_live = |(_, l): &(&u64, &Live)| free(l.volume, l.first, l.end);
+        let waiting = || st.live.iter().filter(|(_, l)| !l.landing);
         let (seq, l) = unmaps_first
-            .then(|| st.live.iter().filter(|(_, l)| l.unmap).find(free))
+            .then(|| waiting().filter(|(_, l)| l.unmap).find(free_live))
             .flatten()
-            .or_else(|| st.live.iter().take(LOOK_AHEAD).find(free))?;
+            .or_else(|| waiting().take(LOOK_AHEAD).find(free_live))?;
         let seq = *seq;
         let vd = st.volumes.get(&l.volume)?;
-        let runs = vd
+        let mut runs: Vec<Run> = vd
             .pieces
             .range(l.first..l.end)
             .filter(|(_, p)| p.seq == seq)
@@ -358,12 +380,57 @@ impl WriteBack {
                 data: p.data.clone(),
             })
             .collect();
-        st.landing.push((seq, l.volume, l.first, l.end));
-        Some(Job {
-            seq,
-            volume: vd.shared.clone(),
-            runs,
-        })
+        let mut seqs = vec![seq];
+        let (mut first, mut end) = (l.first, l.end);
+        if let [Run { data: Some(_), .. }] = &runs[..] {
+            let bs = vd.shared.block_size as u64;
+            let max = (GATHER_BYTES / bs).max(1);
+            // A neighbour joins if it is one piece of data (so all of its
+            // write lands here) and free to land.
+            let joins = |p: &Piece| {
+                p.data.is_some()
+                    && st
+                        .live
+                        .get(&p.seq)
+                        .is_some_and(|n| n.pieces == 1 && free(n.volume, n.first, n.end))
+            };
+            let (mut lo, mut hi) = (runs[0].first, runs[0].end);
+            let mut after = Vec::new();
+            while let Some(p) = vd.pieces.get(&hi).filter(|p| p.end - lo <= max && joins(p)) {
+                after.push(Run {
+                    first: hi,
+                    end: p.end,
+                    data: p.data.clone(),
+                });
+                seqs.push(p.seq);
+                hi = p.end;
+            }
+            let mut before = Vec::new();
+            while let Some((&s, p)) = vd
+                .pieces
+                .range(..lo)
+                .next_back()
+                .filter(|(&s, p)| p.end == lo && hi - s <= max && joins(p))
+            {
+                before.push(Run {
+                    first: s,
+                    end: lo,
+                    data: p.data.clone(),
+                });
+                seqs.push(p.seq);
+                lo = s;
+            }
+            before.reverse();
+            runs.splice(0..0, before);
+            runs.extend(after);
+            (first, end) = (first.min(lo), end.max(hi));
+        }
+        let volume = vd.shared.clone();
+        st.landing.push((seq, volume.id, first, end));
+        for s in &seqs {
+            st.live.get_mut(s).expect("live").landing = true;
+        }
+        Some(Job { seqs, volume, runs })
     }
 
     /// How long until the oldest write expires (the drainer's next look).
@@ -379,13 +446,16 @@ impl WriteBack {
     pub fn landed(&self, job: &Job) -> bool {
         let mut st = self.st.lock();
         let st = &mut *st;
-        st.landing.retain(|&(s, ..)| s != job.seq);
-        if let Some(l) = st.live.remove(&job.seq) {
+        st.landing.retain(|&(s, ..)| s != job.seqs[0]);
+        for &seq in &job.seqs {
+            let Some(l) = st.live.remove(&seq) else {
+                continue;
+            };
             if let Some(vd) = st.volumes.get_mut(&l.volume) {
                 let gone: Vec<u64> = vd
                     .pieces
                     .range(l.first..l.end)
-                    .filter(|(_, p)| p.seq == job.seq)
+                    .filter(|(_, p)| p.seq == seq)
                     .map(|(&s, _)| s)
                     .collect();
                 for s in gone {
@@ -397,8 +467,8 @@ impl WriteBack {
                 }
             }
             st.bytes -= l.bytes;
-            self.bytes.store(st.bytes, Ordering::Relaxed);
         }
+        self.bytes.store(st.bytes, Ordering::Relaxed);
         // An unmap landing says nothing of whether data fits again.
         let recovered = job.runs.iter().any(|r| r.data.is_some()) && st.failure.take().is_some();
         self.progress.notify_waiters();
@@ -410,7 +480,12 @@ impl WriteBack {
     /// failed otherwise), for logging it once.
     pub fn failed(&self, job: &Job, e: &EngineError) -> bool {
         let mut st = self.st.lock();
-        st.landing.retain(|&(s, ..)| s != job.seq);
+        st.landing.retain(|&(s, ..)| s != job.seqs[0]);
+        for s in &job.seqs {
+            if let Some(l) = st.live.get_mut(s) {
+                l.landing = false;
+            }
+        }
         let now = match e {
             EngineError::NoSpace => Failure::NoSpace,
             e => Failure::Other(e.to_string()),
@@ -677,14 +752,35 @@ pub(crate) async fn drain(weak: std::sync::Weak<crate::engine::Inner>) {
 async fn land(inner: &Arc<crate::engine::Inner>, job: &Job) -> Result<()> {
     let vol = crate::volume::Volume::new(inner.clone(), job.volume.clone());
     let bs = job.volume.block_size as u64;
-    for run in &job.runs {
-        match &run.data {
-            Some(d) => vol.write_direct(run.first * bs, d.clone(), false).await?,
-            None => {
-                vol.trim_direct(run.first * bs, (run.end - run.first) * bs, false)
-                    .await?
-            }
+    let mut i = 0;
+    while i < job.runs.len() {
+        let run = &job.runs[i];
+        let Some(d) = &run.data else {
+            vol.trim_direct(run.first * bs, (run.end - run.first) * bs, false)
+                .await?;
+            i += 1;
+            continue;
+        };
+        // Adjacent data runs (gathered writes) land as one write.
+        let mut j = i + 1;
+        while j < job.runs.len()
+            && job.runs[j].data.is_some()
+            && job.runs[j].first == job.runs[j - 1].end
+        {
+            j += 1;
         }
+        let data = if j == i + 1 {
+            d.clone()
+        } else {
+            let mut all =
+                bytes::BytesMut::with_capacity(((job.runs[j - 1].end - run.first) * bs) as usize);
+            for r in &job.runs[i..j] {
+                all.extend_from_slice(r.data.as_ref().expect("data runs only"));
+            }
+            all.freeze()
+        };
+        vol.write_direct(run.first * bs, data, false).await?;
+        i = j;
     }
     Ok(())
 }
@@ -816,11 +912,74 @@ mod tests {
         // block 1 is the newer write's.
         assert_eq!(view(&wb, 1, 0, 2), vec![None, Some(3)]);
         let third = wb.pick().expect("free once the first landed");
-        assert_eq!(third.seq, newer);
+        assert_eq!(third.seqs, vec![newer]);
         wb.landed(&second);
         wb.landed(&third);
         assert_eq!(wb.bytes(), 0);
         assert!(wb.lookup(1, 0, 8).is_empty());
+    }
+
+    #[test]
+    fn adjacent_one_piece_writes_land_together() {
+        let wb = WriteBack::new(1 << 30, Duration::from_secs(30));
+        let v = volume(1);
+        let s1 = wb.insert(&v, 2, Change::Data(blocks(&[1])), None);
+        let s2 = wb.insert(&v, 3, Change::Data(blocks(&[2])), None);
+        let s3 = wb.insert(&v, 4, Change::Data(blocks(&[3, 3])), None);
+        let zeros = wb.insert(&v, 6, Change::Zeros(1), None);
+        let s5 = wb.insert(&v, 1, Change::Data(blocks(&[5])), None);
+        let s6 = wb.insert(&v, 7, Change::Data(blocks(&[6])), None);
+        // Two pieces after a rewrite of its middle block: not gathered.
+        let s7 = wb.insert(&v, 8, Change::Data(blocks(&[7, 7, 7])), None);
+        let s8 = wb.insert(&v, 9, Change::Data(blocks(&[8])), None);
+        wb.drain_soon();
+        let job = wb.pick().unwrap();
+        assert_eq!(job.seqs, vec![s1, s2, s3, s5], "data neighbours both ways");
+        let spans: Vec<(u64, u64)> = job.runs.iter().map(|r| (r.first, r.end)).collect();
+        assert_eq!(
+            spans,
+            vec![(1, 2), (2, 3), (3, 4), (4, 6)],
+            "in block order"
+        );
+        assert_eq!(wb.pick().unwrap().seqs, vec![zeros], "zeros land alone");
+        let job6 = wb.pick().unwrap();
+        assert_eq!(job6.seqs, vec![s6], "a two-piece neighbour stays out");
+        let job7 = wb.pick().unwrap();
+        assert_eq!(job7.seqs, vec![s7]);
+        assert!(wb.pick().is_none(), "the rewrite inside s7 waits for it");
+        wb.landed(&job);
+        assert_eq!(
+            view(&wb, 1, 0, 6),
+            vec![None; 6],
+            "all four left the buffer"
+        );
+        wb.landed(&job7);
+        assert_eq!(wb.pick().unwrap().seqs, vec![s8]);
+        assert_eq!(view(&wb, 1, 7, 11), vec![Some(6), None, Some(8), None]);
+    }
+
+    #[test]
+    fn gathering_stops_at_the_cap_and_at_landings() {
+        let wb = WriteBack::new(1 << 30, Duration::from_secs(30));
+        let v = volume(1);
+        let max = GATHER_BYTES / BS as u64;
+        for b in 0..max + 10 {
+            wb.insert(&v, b, Change::Data(blocks(&[1])), None);
+        }
+        wb.drain_soon();
+        let job = wb.pick().unwrap();
+        assert_eq!(job.runs.last().unwrap().end, max, "capped");
+        let rest = wb.pick().unwrap();
+        assert_eq!((rest.runs[0].first, rest.runs.len()), (max, 10));
+        // A write next to a landing job waits rather than joining another.
+        wb.insert(&v, max + 10, Change::Data(blocks(&[2])), None);
+        wb.drain_soon();
+        let last = wb.pick().unwrap();
+        assert_eq!(last.runs.len(), 1);
+        wb.landed(&job);
+        wb.landed(&rest);
+        wb.landed(&last);
+        assert_eq!(wb.bytes(), 0);
     }
 
     #[test]
@@ -833,10 +992,15 @@ mod tests {
         let trim = wb.insert(&v, 200, Change::Zeros(8), None);
         wb.drain_soon();
         let job = wb.pick().unwrap();
-        assert_eq!(job.seq, 1, "oldest first while writes land");
+        assert_eq!(job.seqs[0], 1, "oldest first while writes land");
+        assert_eq!(job.seqs.len(), 100, "the adjacent writes gathered");
         assert!(wb.failed(&job, &EngineError::NoSpace), "a new failure");
         let job = wb.pick().unwrap();
-        assert_eq!(job.seq, trim, "with the pool full, the unmap goes first");
+        assert_eq!(
+            job.seqs,
+            vec![trim],
+            "with the pool full, the unmap goes first"
+        );
         // Its landing does not say the pool has room again.
         assert!(!wb.landed(&job));
         let job = wb.pick().unwrap();
