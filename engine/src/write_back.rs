@@ -72,6 +72,17 @@ struct Piece {
     data: Option<Bytes>,
 }
 
+impl Piece {
+    /// This piece, starting at block `first` (its key), as a run to land.
+    fn run(&self, first: u64) -> Run {
+        Run {
+            first,
+            end: self.end,
+            data: self.data.clone(),
+        }
+    }
+}
+
 /// A write with pieces still buffered.
 struct Live {
     volume: u32,
@@ -374,11 +385,7 @@ impl WriteBack {
             .pieces
             .range(l.first..l.end)
             .filter(|(_, p)| p.seq == seq)
-            .map(|(&s, p)| Run {
-                first: s,
-                end: p.end,
-                data: p.data.clone(),
-            })
+            .map(|(&s, p)| p.run(s))
             .collect();
         let mut seqs = vec![seq];
         let (mut first, mut end) = (l.first, l.end);
@@ -397,11 +404,7 @@ impl WriteBack {
             let (mut lo, mut hi) = (runs[0].first, runs[0].end);
             let mut after = Vec::new();
             while let Some(p) = vd.pieces.get(&hi).filter(|p| p.end - lo <= max && joins(p)) {
-                after.push(Run {
-                    first: hi,
-                    end: p.end,
-                    data: p.data.clone(),
-                });
+                after.push(p.run(hi));
                 seqs.push(p.seq);
                 hi = p.end;
             }
@@ -412,11 +415,7 @@ impl WriteBack {
                 .next_back()
                 .filter(|(&s, p)| p.end == lo && hi - s <= max && joins(p))
             {
-                before.push(Run {
-                    first: s,
-                    end: lo,
-                    data: p.data.clone(),
-                });
+                before.push(p.run(s));
                 seqs.push(p.seq);
                 lo = s;
             }
