@@ -10,13 +10,25 @@
 //! serves 32 MiB write payloads from reused segments rather than a fresh mmap
 //! per request.
 //!
-//! mimalloc returns memory that stayed free for 1 s (its default purge
-//! delay) with `MADV_DONTNEED`; a memtable refilled two seconds later then
-//! takes its pages back through page faults and the kernel's page clearing.
-//! Ten seconds keeps that memory across the store's flush cycle and still
-//! returns what a burst left behind (write_cpu, 4 runs of 3 rounds in turns:
-//! 76-79 k -> 83-87 k writes per CPU-second into a fresh volume, 58-63 k ->
-//! 62-66 k under overwrites; never purging did no better than 10 s).
+//! mimalloc purges memory that stayed free for 1 s (its default purge
+//! delay); a memtable refilled two seconds later then took its pages back
+//! through page faults and the kernel's page clearing. Ten seconds keeps
+//! that memory across the store's flush cycle (write_cpu, 4 runs of 3
+//! rounds in turns: 76-79 k -> 83-87 k writes per CPU-second into a fresh
+//! volume, 58-63 k -> 62-66 k under overwrites; never purging did no better
+//! than 10 s).
+//!
+//! A purge hands the pages back lazily (`MADV_FREE`), not at once
+//! (`MADV_DONTNEED`, mimalloc's default): the kernel takes them when it
+//! needs memory, as it drops clean page cache, and until then they are
+//! reused without a fault. The write-back buffer fills in bursts (a stream
+//! of 1 MiB writes holds up to a gigabyte of request buffers) and drains at
+//! a flush; with `MADV_DONTNEED` every burst after a quiet 10 s faulted all
+//! of its memory in again and the kernel cleared each page (6 s of 1 MiB
+//! writes 12 s after the last burst, twice each in turns: 230-245 k page
+//! faults -> 0-2, 3.2-3.7 -> 2.7 s of ballastd CPU, 1644-1770 -> 2249-2290
+//! MB/s). The price: resident memory (RSS) shows the peak until the kernel
+//! reclaims, as with the page cache.
 //!
 //! Transparent huge pages are off for mimalloc's memory. The write-back
 //! buffer keeps each 4 KiB write's own buffer until a rewrite or its
@@ -42,6 +54,9 @@ pub const PURGE_DELAY_MS: c_long = 10_000;
 /// `mi_option_allow_thp` (mimalloc 3).
 const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
+/// `mi_option_purge_decommits` (mimalloc 3).
+const MI_OPTION_PURGE_DECOMMITS: libmimalloc_sys::mi_option_t = 5;
+
 /// Apply ballastd's allocator settings, once per process. Call first thing
 /// in `main`, before any other thread exists: mimalloc's option setter is
 /// not thread safe.
@@ -53,6 +68,7 @@ pub fn configure() {
         unsafe {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS);
             libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DECOMMITS, 0);
         }
     });
 }
@@ -61,6 +77,13 @@ pub fn configure() {
 pub fn purge_delay_ms() -> c_long {
     // SAFETY: reading an option has no preconditions.
     unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
+}
+
+/// Whether mimalloc's purges take the memory away at once (`MADV_DONTNEED`)
+/// rather than lazily (`MADV_FREE`).
+pub fn purge_decommits() -> bool {
+    // SAFETY: reading an option has no preconditions.
+    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DECOMMITS) != 0 }
 }
 
 /// Whether mimalloc may use transparent huge pages now.
@@ -80,7 +103,12 @@ mod tests {
     #[test]
     fn the_option_index_is_the_purge_delay() {
         if std::env::var_os("BALLAST_ALLOCATOR_CHILD").is_some() {
-            println!("purge_delay={} thp={}", purge_delay_ms(), thp_allowed());
+            println!(
+                "purge_delay={} thp={} decommits={}",
+                purge_delay_ms(),
+                thp_allowed(),
+                purge_decommits()
+            );
             return;
         }
         let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -93,20 +121,22 @@ mod tests {
             .env("BALLAST_ALLOCATOR_CHILD", "1")
             .env("MIMALLOC_PURGE_DELAY", "4321")
             .env("MIMALLOC_ALLOW_THP", "0")
+            .env("MIMALLOC_PURGE_DECOMMITS", "0")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "child failed: {stdout}");
         assert!(
-            stdout.contains("purge_delay=4321 thp=false"),
-            "option 15 is not mimalloc's purge delay, or 43 not its THP switch: {stdout}"
+            stdout.contains("purge_delay=4321 thp=false decommits=false"),
+            "option 15 is not mimalloc's purge delay, 43 not its THP switch, or 5 not its purge mode: {stdout}"
         );
     }
 
     #[test]
-    fn configure_sets_the_purge_delay_and_turns_thp_off() {
+    fn configure_sets_the_purge_delay_and_mode_and_turns_thp_off() {
         configure();
         assert_eq!(purge_delay_ms(), PURGE_DELAY_MS);
         assert!(!thp_allowed());
+        assert!(!purge_decommits());
     }
 }
