@@ -38,6 +38,13 @@
 //! CPU under random 4 KiB writes (0.5% without; together with in-place
 //! rewrites in the write-back buffer, 83 -> 129 k writes per second through
 //! NBD: docs/benchmarks.md, session 24).
+//!
+//! The first arena (1 GiB) is reserved by the runtime's first allocation,
+//! before `main` can call [`configure`], and keeps huge pages; later arenas
+//! have none. That split measured best (nbd-ab.sh, 3 rounds in turns,
+//! session 26): turning huge pages off for the whole process as well
+//! (`PR_SET_THP_DISABLE`) cost random 4 KiB writes 52-57 k -> 37-54 k IOPS,
+//! allowing them everywhere 52-65 k -> 30-36 k.
 
 use std::ffi::c_long;
 
