@@ -15,11 +15,17 @@
 # same workload with fio on CPU 0 and the server's threads on CPU 1, which
 # gives every server the same placement.
 #
-#   benches/scripts/nbd-peers.sh [WORK_DIR] [SECONDS]
+# This VM moves one server's figure by ±10% between minutes, more than the
+# differences the table is for. With ROUNDS > 1 each workload runs ROUNDS
+# times per target, in turns (each round starting one target later), and
+# a cell shows the median with the range: "median (min–max)".
+#
+#   benches/scripts/nbd-peers.sh [WORK_DIR] [SECONDS] [ROUNDS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 work=${1:-/var/tmp/ballast-peers}
 secs=${2:-10}
+rounds=${3:-1}
 mkdir -p "$work"
 cargo build --release -q --bins --manifest-path "$root/Cargo.toml"
 bin=$(cargo metadata --format-version 1 --manifest-path "$root/Cargo.toml" | /usr/bin/python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')/release
@@ -78,13 +84,27 @@ print("%.0f %.0f" % (d["read"]["iops"]+d["write"]["iops"], (d["read"]["bw_bytes"
 workloads=("randread 4k 32" "randwrite 4k 32" "randread 4k 1" "randread 4k 1 pinned" "read 1m 8" "write 1m 8")
 printf '| workload |'; for t in "${targets[@]}"; do printf ' %s |' "$t"; done; echo
 printf '|---'; for _ in "${targets[@]}"; do printf '|---'; done; echo '|'
+# "v1 v2 ..." -> "median" or "median (min–max)"
+summary() { /usr/bin/python3 -c 'import sys,statistics
+v=sorted(int(x) for x in sys.argv[1:])
+m=round(statistics.median(v))
+print(m if len(v)==1 else "%d (%d–%d)" % (m, v[0], v[-1]))' "$@"; }
+n=${#targets[@]}
 for w in "${workloads[@]}"; do
   read -r rw bs qd pinned <<<"$w"
-  row="| $rw $bs qd$qd${pinned:+ $pinned} |"
-  for t in "${targets[@]}"; do
-    read -r iops mbps <<<"$(run "$t" "$rw" "$bs" "$qd" "$pinned")"
-    if [ "$t" = ballast ]; then settle "${uri[ballast]}"; fi
-    if [ "$bs" = 1m ]; then row="$row $mbps MB/s |"; else row="$row $iops IOPS |"; fi
+  unit=IOPS; [ "$bs" = 1m ] && unit=MB/s
+  declare -A got=()
+  for r in $(seq 0 $((rounds - 1))); do
+    for i in $(seq 0 $((n - 1))); do
+      t=${targets[$(( (i + r) % n ))]}
+      read -r iops mbps <<<"$(run "$t" "$rw" "$bs" "$qd" "$pinned")"
+      if [ "$t" = ballast ]; then settle "${uri[ballast]}"; fi
+      if [ "$bs" = 1m ]; then got[$t]="${got[$t]:-} $mbps"; else got[$t]="${got[$t]:-} $iops"; fi
+    done
   done
+  row="| $rw $bs qd$qd${pinned:+ $pinned} |"
+  # shellcheck disable=SC2086 # the values are words by design
+  for t in "${targets[@]}"; do row="$row $(summary ${got[$t]}) $unit |"; done
   echo "$row"
+  unset got
 done
