@@ -106,5 +106,4 @@ for w in "${workloads[@]}"; do
   # shellcheck disable=SC2086 # the values are words by design
   for t in "${targets[@]}"; do row="$row $(summary ${got[$t]}) $unit |"; done
   echo "$row"
-  unset got
 done

@@ -30,14 +30,14 @@
 //! MB/s). The price: resident memory (RSS) shows the peak until the kernel
 //! reclaims, as with the page cache.
 //!
-//! Transparent huge pages are off for mimalloc's memory. The write-back
-//! buffer keeps each 4 KiB write's own buffer until a rewrite or its
-//! landing frees it, so the heap grows and shrinks in scattered small
-//! pieces; with huge pages, the kernel cleared 2 MiB at a fault and again
-//! after each purge split one, and page clearing took 21-54% of ballastd's
-//! CPU under random 4 KiB writes (0.5% without; together with in-place
-//! rewrites in the write-back buffer, 83 -> 129 k writes per second through
-//! NBD: docs/benchmarks.md, session 24).
+//! Transparent huge pages are off for mimalloc's memory after its first
+//! arena (below). The write-back buffer keeps each 4 KiB write's own buffer
+//! until a rewrite or its landing frees it, so the heap grows and shrinks
+//! in scattered small pieces; with huge pages, the kernel cleared 2 MiB at
+//! a fault and again after each purge split one, and page clearing took
+//! 21-54% of ballastd's CPU under random 4 KiB writes (0.5% without;
+//! together with in-place rewrites in the write-back buffer, 83 -> 129 k
+//! writes per second through NBD: docs/benchmarks.md, session 24).
 //!
 //! The first arena (1 GiB) is reserved by the runtime's first allocation,
 //! before `main` can call [`configure`], and keeps huge pages; later arenas
@@ -80,23 +80,26 @@ pub fn configure() {
     });
 }
 
+/// The value mimalloc uses now for `option`.
+fn option(option: libmimalloc_sys::mi_option_t) -> c_long {
+    // SAFETY: reading an option has no preconditions.
+    unsafe { libmimalloc_sys::mi_option_get(option) }
+}
+
 /// The purge delay mimalloc uses now, in milliseconds.
 pub fn purge_delay_ms() -> c_long {
-    // SAFETY: reading an option has no preconditions.
-    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
+    option(MI_OPTION_PURGE_DELAY)
 }
 
 /// Whether mimalloc's purges take the memory away at once (`MADV_DONTNEED`)
 /// rather than lazily (`MADV_FREE`).
 pub fn purge_decommits() -> bool {
-    // SAFETY: reading an option has no preconditions.
-    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DECOMMITS) != 0 }
+    option(MI_OPTION_PURGE_DECOMMITS) != 0
 }
 
 /// Whether mimalloc may use transparent huge pages now.
 pub fn thp_allowed() -> bool {
-    // SAFETY: reading an option has no preconditions.
-    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_ALLOW_THP) != 0 }
+    option(MI_OPTION_ALLOW_THP) != 0
 }
 
 #[cfg(test)]
