@@ -642,6 +642,76 @@ fn pipelined_requests_complete_out_of_order_and_overlapping_writes_keep_order() 
 }
 
 #[test]
+fn pipelined_large_reads_then_disc_get_every_reply() {
+    // Large finished replies are queued from tasks of their own: a DISC
+    // right behind them must still see each one written, with its data.
+    for (structured, extended) in [(false, false), (true, false), (true, true)] {
+        let c = MemoryCatalog::new();
+        c.add("disk", MemoryExport::new(16 * MIB));
+        let srv = TestServer::start(Arc::new(c), NbdConfig::default());
+        let mut h = RawClient::connect(srv.addr, "disk", structured, extended);
+        let image = random_bytes(27, 16 * MIB as usize);
+        for (i, chunk) in image.chunks(MIB as usize).enumerate() {
+            assert_eq!(h.write(i as u64, i as u64 * MIB, chunk), 0);
+        }
+        // Sixteen 1 MiB reads (and two 512 KiB ones across a MiB boundary),
+        // then DISC, in one write.
+        let mut asked: Vec<(u64, u64, usize)> = (0..16u64)
+            .map(|i| (100 + i, (15 - i) * MIB, MIB as usize))
+            .collect();
+        asked.push((200, MIB / 2, MIB as usize));
+        asked.push((201, 7 * MIB + 4096, (MIB / 2) as usize));
+        let mut batch = Vec::new();
+        for &(cookie, offset, len) in &asked {
+            batch.extend_from_slice(&h.request_bytes(
+                0,
+                proto::CMD_READ,
+                cookie,
+                offset,
+                len as u64,
+            ));
+        }
+        batch.extend_from_slice(&h.request_bytes(0, proto::CMD_DISC, 999, 0, 0));
+        std::io::Write::write_all(&mut h.s, &batch).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..asked.len() {
+            let (e, cookie, got) = if structured {
+                // Chunks carry absolute offsets: read into a whole image's
+                // worth of room and cut the request's range out after.
+                let (e, cookie, data) = h.read_reply(0, 16 * MIB as usize).unwrap();
+                let (_, offset, len) = asked[asked.iter().position(|a| a.0 == cookie).unwrap()];
+                (
+                    e,
+                    cookie,
+                    data[offset as usize..offset as usize + len].to_vec(),
+                )
+            } else {
+                let (e, cookie) = h.simple_reply().unwrap();
+                let (_, _, len) = asked[asked.iter().position(|a| a.0 == cookie).unwrap()];
+                let mut data = vec![0; len];
+                std::io::Read::read_exact(&mut h.s, &mut data).unwrap();
+                (e, cookie, data)
+            };
+            assert_eq!(e, 0);
+            let &(_, offset, len) = asked.iter().find(|a| a.0 == cookie).unwrap();
+            assert!(
+                got == image[offset as usize..offset as usize + len],
+                "cookie {cookie}: wrong data"
+            );
+            seen.push(cookie);
+        }
+        seen.sort();
+        let mut want: Vec<u64> = asked.iter().map(|a| a.0).collect();
+        want.sort();
+        assert_eq!(seen, want);
+        assert!(
+            h.closed_by_server(),
+            "DISC should close the connection after the replies"
+        );
+    }
+}
+
+#[test]
 fn large_writes_on_their_own_task_keep_arrival_order_with_later_overlapping_writes() {
     // Writes of 64 KiB and more are applied on a task of their own; a later
     // write, trim or zeroing that overlaps one must still take effect after

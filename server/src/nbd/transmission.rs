@@ -477,8 +477,9 @@ impl<R: AsyncBufRead + IncomingCpu + Unpin + Send + Sync> Reader<'_, R> {
     /// so the writer's socket copy of a large reply and the reader's work
     /// on the next requests take turns on one core. Sent from a spawned
     /// task, which the other worker picks up, they run side by side: 1 MiB
-    /// reads of cached blocks at queue depth 8, 2.78 → 3.11 GB/s on this
-    /// 2-vCPU VM (docs/benchmarks.md, session 27).
+    /// reads of cached blocks at queue depth 8, 2.65 → 2.84 and 2.53 →
+    /// 3.02 GB/s in two runs on a 2-vCPU VM (docs/benchmarks.md, session
+    /// 27).
     fn hand_off(&self, req: &Request, body: Body, permits: Permits) {
         let tx = self.tx.clone();
         let (handle, offset) = (req.handle, req.offset);
@@ -1133,9 +1134,9 @@ impl Encoder {
 /// over the whole cache, each on a page of its own: the kernel's copy takes
 /// a TLB miss (a nested page walk in a VM) and a cold line at the start of
 /// every piece, one after the other. Prefetched here, the misses overlap.
-/// A loopback send of 256 scattered 4 KiB pieces measured 0.33 s of CPU
-/// per GB without and 0.24–0.28 with this, against 0.22 for one contiguous
-/// MiB (docs/benchmarks.md, session 27).
+/// A loopback send of 256 scattered 4 KiB pieces measured 0.26–0.34 s of
+/// CPU per GB without and 0.23–0.28 with this, about what consecutive
+/// pages cost (0.22–0.27; docs/benchmarks.md, session 27).
 fn prefetch_starts(slices: &[IoSlice<'_>]) {
     #[cfg(target_arch = "x86_64")]
     for s in slices {
