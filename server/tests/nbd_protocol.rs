@@ -654,8 +654,8 @@ fn pipelined_large_reads_then_disc_get_every_reply() {
         for (i, chunk) in image.chunks(MIB as usize).enumerate() {
             assert_eq!(h.write(i as u64, i as u64 * MIB, chunk), 0);
         }
-        // Sixteen 1 MiB reads (and two 512 KiB ones across a MiB boundary),
-        // then DISC, in one write.
+        // Sixteen 1 MiB reads, one straddling a MiB boundary and an
+        // unaligned 512 KiB one, then DISC, in one write.
         let mut asked: Vec<(u64, u64, usize)> = (0..16u64)
             .map(|i| (100 + i, (15 - i) * MIB, MIB as usize))
             .collect();
@@ -674,30 +674,27 @@ fn pipelined_large_reads_then_disc_get_every_reply() {
         batch.extend_from_slice(&h.request_bytes(0, proto::CMD_DISC, 999, 0, 0));
         std::io::Write::write_all(&mut h.s, &batch).unwrap();
         let mut seen = Vec::new();
+        let range = |cookie: u64| {
+            let &(_, offset, len) = asked
+                .iter()
+                .find(|a| a.0 == cookie)
+                .expect("a cookie we sent");
+            offset as usize..offset as usize + len
+        };
         for _ in 0..asked.len() {
             let (e, cookie, got) = if structured {
                 // Chunks carry absolute offsets: read into a whole image's
                 // worth of room and cut the request's range out after.
                 let (e, cookie, data) = h.read_reply(0, 16 * MIB as usize).unwrap();
-                let (_, offset, len) = asked[asked.iter().position(|a| a.0 == cookie).unwrap()];
-                (
-                    e,
-                    cookie,
-                    data[offset as usize..offset as usize + len].to_vec(),
-                )
+                (e, cookie, data[range(cookie)].to_vec())
             } else {
                 let (e, cookie) = h.simple_reply().unwrap();
-                let (_, _, len) = asked[asked.iter().position(|a| a.0 == cookie).unwrap()];
-                let mut data = vec![0; len];
+                let mut data = vec![0; range(cookie).len()];
                 std::io::Read::read_exact(&mut h.s, &mut data).unwrap();
                 (e, cookie, data)
             };
             assert_eq!(e, 0);
-            let &(_, offset, len) = asked.iter().find(|a| a.0 == cookie).unwrap();
-            assert!(
-                got == image[offset as usize..offset as usize + len],
-                "cookie {cookie}: wrong data"
-            );
+            assert!(got == image[range(cookie)], "cookie {cookie}: wrong data");
             seen.push(cookie);
         }
         seen.sort();
