@@ -164,6 +164,8 @@ pub struct NodeStats {
     pub block_filter_bytes: u64,
     /// The entry cache in use (bounded by `EngineConfig::entry_cache_bytes`).
     pub entry_cache_bytes: u64,
+    /// The read cache's memory: its entries, and the parts of shared runs
+    /// they no longer use (bounded by `EngineConfig::read_cache_bytes`).
     pub read_cache_bytes: u64,
     pub dedup_ratio: f64,
     pub compression_ratio: f64,

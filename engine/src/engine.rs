@@ -783,7 +783,7 @@ impl Engine {
                 .as_ref()
                 .map_or(0, |f| f.memory_bytes()),
             entry_cache_bytes: self.inner.meta.entries.memory_bytes(),
-            read_cache_bytes: self.inner.read_cache.weight(),
+            read_cache_bytes: self.inner.read_cache.weight() + self.inner.read_cache.stranded(),
             dedup_ratio: ratio(logical, unique),
             compression_ratio: ratio(unique, stored),
             checksum_errors: self.inner.checksum_errors.load(Ordering::Relaxed),

@@ -19,7 +19,8 @@
 //! - `state`: the in-memory overlay of uncommitted metadata changes.
 //! - `engine`: opening/recovery, group commit, control operations, stats.
 //! - `volume`: the read and write paths of one volume.
-//! - `read_cache`: decoded blocks by identity, shared by all volumes.
+//! - `read_cache`: decoded blocks by identity, shared by all volumes; the
+//!   blocks of a large read or write are kept in 64 KiB runs.
 //! - `shard_cache`: the read cache's storage: quick_cache shards with batch
 //!   lookups and updates that lock each shard once per batch.
 //! - `write_back`: completed writes held in memory until a background

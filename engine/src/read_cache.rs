@@ -7,58 +7,201 @@
 //! shared across volumes, so deduplicated content is cached once. Writes
 //! populate it too (see `Volume::write_blocks`: large ones only while it has
 //! room), which serves read-after-write from memory.
+//!
+//! **Runs.** A block is cached in a buffer of its own, or as one of the
+//! consecutive blocks of a *run*: one buffer that several entries share
+//! (see [`ReadCache::insert_run`]). A large read of blocks cached one by one
+//! is one scattered piece of memory per block, and sending 256 scattered
+//! 4 KiB pieces costs the reply writer far more than sending 16 contiguous
+//! 64 KiB ones (docs/benchmarks.md, session 29); reads therefore re-cache
+//! such blocks as runs.
+//!
+//! A run's buffer lives until its last entry leaves, while the cache counts
+//! only the entries still in it: the bytes of the entries that left are
+//! *stranded*, held but not counted. The cache keeps an exact total of them
+//! and lowers its own capacity by it, so that counted plus stranded bytes
+//! stay within the budget; evictions then free runs, which gives the room
+//! back. A run with fewer than half its entries left is *sparse*: a reader
+//! that finds one of its blocks re-caches the block alone (see `Hit`), so a
+//! few hot blocks do not keep many cold ones' memory.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::key::BlockKey;
 use crate::shard_cache::ShardCache;
 use bytes::Bytes;
 use quick_cache::Weighter;
 
+/// One cached block: `len` bytes at `at` of `buf`.
+struct Cached {
+    buf: Bytes,
+    at: u32,
+    len: u32,
+    /// Set for a block that is part of a run.
+    run: Option<Member>,
+}
+
+/// A run entry's share in its run's bookkeeping. Not `Clone`: one exists
+/// per entry in the cache, and its drop is that entry leaving.
+struct Member(Arc<RunLife>);
+
+struct RunLife {
+    /// Entries of the run still in the cache.
+    live: AtomicU32,
+    blocks: u32,
+    block_len: u32,
+    stranded: Arc<AtomicU64>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let r = &self.0;
+        let left = r.live.fetch_sub(1, Ordering::AcqRel) - 1;
+        let bl = u64::from(r.block_len);
+        if left > 0 {
+            r.stranded.fetch_add(bl, Ordering::AcqRel);
+        } else {
+            // The run's buffer goes with its last entry (once in-flight
+            // replies are done with it): the others' bytes stop being held.
+            r.stranded
+                .fetch_sub(bl * u64::from(r.blocks - 1), Ordering::AcqRel);
+        }
+    }
+}
+
+/// What a lookup finds: the block is `buf[at..at + len]`.
+pub(crate) struct Hit {
+    pub buf: Bytes,
+    pub at: u32,
+    pub len: u32,
+    pub kind: HitKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HitKind {
+    /// In a buffer of its own.
+    Alone,
+    /// In a run.
+    Run,
+    /// In a run that has lost more than half its entries: worth re-caching
+    /// alone, so that the run's memory can go.
+    SparseRun,
+}
+
 #[derive(Clone)]
 struct ByLen;
 
-impl Weighter<BlockKey, Bytes> for ByLen {
-    fn weight(&self, _key: &BlockKey, val: &Bytes) -> u64 {
+impl Weighter<BlockKey, Cached> for ByLen {
+    fn weight(&self, _key: &BlockKey, val: &Cached) -> u64 {
         // Bookkeeping per entry is roughly a key plus a Bytes header.
-        val.len() as u64 + 80
+        u64::from(val.len) + 80
     }
 }
 
 pub(crate) struct ReadCache {
-    cache: Option<ShardCache<BlockKey, Bytes, ByLen>>,
+    cache: Option<ShardCache<BlockKey, Cached, ByLen>>,
+    budget: u64,
+    /// Bytes of runs whose entries left the cache while the run lives on.
+    stranded: Arc<AtomicU64>,
+    /// `stranded` when the capacity was last set from it.
+    applied: AtomicU64,
 }
 
 impl ReadCache {
     pub fn new(bytes: u64) -> ReadCache {
         let cache =
             (bytes >= 1 << 20).then(|| ShardCache::new((bytes / 4096) as usize, bytes, ByLen));
-        ReadCache { cache }
-    }
-
-    /// `found(i, block)` for each `keys[i]` cached; one lock hold per shard.
-    pub fn get_many(&self, keys: &[BlockKey], found: impl FnMut(usize, Bytes)) {
-        if let Some(c) = &self.cache {
-            c.get_many(keys, found);
+        ReadCache {
+            cache,
+            budget: bytes,
+            stranded: Arc::new(AtomicU64::new(0)),
+            applied: AtomicU64::new(0),
         }
     }
 
-    /// Cache each block, grouped by shard.
+    /// `found(i, hit)` for each `keys[i]` cached; one lock hold per shard.
+    pub fn get_many(&self, keys: &[BlockKey], mut found: impl FnMut(usize, Hit)) {
+        if let Some(c) = &self.cache {
+            c.get_many_with(keys, |i, v| {
+                let kind = match &v.run {
+                    None => HitKind::Alone,
+                    Some(m) if m.0.live.load(Ordering::Relaxed) * 2 < m.0.blocks => {
+                        HitKind::SparseRun
+                    }
+                    Some(_) => HitKind::Run,
+                };
+                found(
+                    i,
+                    Hit {
+                        buf: v.buf.clone(),
+                        at: v.at,
+                        len: v.len,
+                        kind,
+                    },
+                )
+            });
+        }
+    }
+
+    /// Cache each block (in a buffer of its own), grouped by shard.
     pub fn insert_many(&self, blocks: impl IntoIterator<Item = (BlockKey, Bytes)>) {
         if let Some(c) = &self.cache {
-            c.update_many(blocks.into_iter().map(|(k, b)| (k, Some(b))));
+            c.update_many(blocks.into_iter().map(|(k, b)| (k, Some(alone(b)))));
+            self.fit(c);
         }
+    }
+
+    /// Whether runs may be made now: not while stranded bytes take a
+    /// quarter of the budget (reads would only strand more).
+    pub fn runs_welcome(&self) -> bool {
+        self.cache.is_some() && self.stranded.load(Ordering::Relaxed) < self.budget / 4
+    }
+
+    /// Cache `keys.len()` consecutive blocks of `block_len` bytes as one
+    /// run: `keys[i]` is `run[i * block_len..]`. With `if_room`, only the
+    /// entries that fit without evicting (see [`ReadCache::admit`]).
+    pub fn insert_run(&self, keys: &[BlockKey], run: Bytes, block_len: usize, if_room: bool) {
+        let Some(c) = &self.cache else { return };
+        if keys.is_empty() || keys.len() * block_len > run.len() {
+            return;
+        }
+        let life = Arc::new(RunLife {
+            live: AtomicU32::new(keys.len() as u32),
+            blocks: keys.len() as u32,
+            block_len: block_len as u32,
+            stranded: self.stranded.clone(),
+        });
+        let entries = keys.iter().enumerate().map(|(i, k)| {
+            let v = Cached {
+                buf: run.clone(),
+                at: (i * block_len) as u32,
+                len: block_len as u32,
+                run: Some(Member(life.clone())),
+            };
+            (*k, v)
+        });
+        if if_room {
+            c.insert_many_if_room(entries);
+        } else {
+            c.update_many(entries.map(|(k, v)| (k, Some(v))));
+        }
+        self.fit(c);
     }
 
     /// Cache a written block only if that takes no eviction.
     pub fn admit(&self, key: BlockKey, block: Bytes) {
         if let Some(c) = &self.cache {
-            c.insert_if_room(key, block);
+            c.insert_if_room(key, alone(block));
+            self.fit(c);
         }
     }
 
     /// `admit` for each block, grouped by shard.
     pub fn admit_many(&self, blocks: impl IntoIterator<Item = (BlockKey, Bytes)>) {
         if let Some(c) = &self.cache {
-            c.insert_many_if_room(blocks);
+            c.insert_many_if_room(blocks.into_iter().map(|(k, b)| (k, alone(b))));
+            self.fit(c);
         }
     }
 
@@ -66,7 +209,28 @@ impl ReadCache {
     pub fn forget<'a>(&self, keys: impl Iterator<Item = &'a BlockKey>) {
         if let Some(c) = &self.cache {
             c.update_many(keys.map(|k| (*k, None)));
+            self.fit(c);
         }
+    }
+
+    /// Lowers (or restores) the capacity by the stranded bytes, once they
+    /// moved by more than a 64th of the budget since the last time, so that
+    /// counted and stranded bytes together stay within the budget.
+    fn fit(&self, c: &ShardCache<BlockKey, Cached, ByLen>) {
+        let now = self.stranded.load(Ordering::Acquire);
+        let was = self.applied.load(Ordering::Relaxed);
+        if now.abs_diff(was) <= self.budget / 64 {
+            return;
+        }
+        if self
+            .applied
+            .compare_exchange(was, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return; // another thread is fitting it
+        }
+        // Never below 1 MiB: a shard of capacity 0 would admit nothing.
+        c.set_capacity(self.budget.saturating_sub(now).max(1 << 20));
     }
 
     /// Whether `bytes` more fit without evicting anything.
@@ -76,8 +240,108 @@ impl ReadCache {
             .is_some_and(|c| c.weight() + bytes <= c.capacity())
     }
 
-    /// Bytes currently held.
+    /// Bytes currently counted (entries in the cache).
     pub fn weight(&self) -> u64 {
         self.cache.as_ref().map_or(0, |c| c.weight())
+    }
+
+    /// Bytes held by runs beyond what their entries count.
+    pub fn stranded(&self) -> u64 {
+        self.stranded.load(Ordering::Acquire)
+    }
+}
+
+fn alone(b: Bytes) -> Cached {
+    Cached {
+        len: b.len() as u32,
+        buf: b,
+        at: 0,
+        run: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u64) -> BlockKey {
+        let mut h = [0u8; 32];
+        h[..8].copy_from_slice(&i.to_le_bytes());
+        BlockKey::content(h)
+    }
+
+    fn lookup(c: &ReadCache, keys: &[BlockKey]) -> Vec<Option<(Vec<u8>, HitKind)>> {
+        let mut out: Vec<Option<(Vec<u8>, HitKind)>> = (0..keys.len()).map(|_| None).collect();
+        c.get_many(keys, |i, h| {
+            out[i] = Some((
+                h.buf[h.at as usize..(h.at + h.len) as usize].to_vec(),
+                h.kind,
+            ))
+        });
+        out
+    }
+
+    #[test]
+    fn a_run_serves_each_block_and_strands_what_leaves() {
+        let c = ReadCache::new(64 << 20);
+        let keys: Vec<BlockKey> = (0..16).map(key).collect();
+        let run: Vec<u8> = (0..16 * 4096).map(|i| (i / 4096) as u8).collect();
+        c.insert_run(&keys, Bytes::from(run), 4096, false);
+        let got = lookup(&c, &keys);
+        for (i, g) in got.iter().enumerate() {
+            let (data, kind) = g.as_ref().expect("cached");
+            assert!(data.iter().all(|&b| b == i as u8), "block {i}");
+            assert_eq!(*kind, HitKind::Run);
+        }
+        assert_eq!(c.stranded(), 0);
+        c.forget(keys[..9].iter());
+        assert_eq!(c.stranded(), 9 * 4096);
+        assert_eq!(
+            lookup(&c, &keys[9..10])[0].as_ref().unwrap().1,
+            HitKind::SparseRun
+        );
+        // Re-caching a block alone is one more entry leaving the run.
+        c.insert_many([(keys[9], Bytes::from(vec![9u8; 4096]))]);
+        assert_eq!(
+            lookup(&c, &keys[9..10])[0].as_ref().unwrap().1,
+            HitKind::Alone
+        );
+        assert_eq!(c.stranded(), 10 * 4096);
+        // The last entry leaving frees the run: nothing stays stranded.
+        c.forget(keys[10..].iter());
+        assert_eq!(c.stranded(), 0);
+        assert!(lookup(&c, &keys[..9]).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn stranded_bytes_lower_the_capacity() {
+        let budget = 16u64 << 20;
+        let c = ReadCache::new(budget);
+        let blocks = budget / 4096;
+        // Runs for the whole budget, then all but one entry of each leave.
+        for r in 0..blocks / 16 {
+            let keys: Vec<BlockKey> = (r * 16..r * 16 + 16).map(key).collect();
+            c.insert_run(&keys, Bytes::from(vec![r as u8; 16 * 4096]), 4096, false);
+        }
+        let survivors: Vec<BlockKey> = (0..blocks / 16).map(|r| key(r * 16)).collect();
+        let gone: Vec<BlockKey> = (0..blocks).filter(|i| i % 16 != 0).map(key).collect();
+        c.forget(gone.iter());
+        let held = c.weight() + c.stranded();
+        assert!(c.stranded() > 0);
+        // New blocks push the survivors (and their runs) out instead of
+        // growing the memory held past the budget.
+        for i in 0..blocks {
+            c.insert_many([(key(1 << 40 | i), Bytes::from(vec![1u8; 4096]))]);
+            let now = c.weight() + c.stranded();
+            assert!(
+                now <= budget + budget / 64 + 2 * 4096 * 80,
+                "{now} bytes held after {i} inserts (budget {budget}, started at {held})"
+            );
+        }
+        let left = lookup(&c, &survivors)
+            .iter()
+            .filter(|s| s.is_some())
+            .count();
+        assert!(left < survivors.len(), "no run was freed");
     }
 }

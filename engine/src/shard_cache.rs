@@ -50,6 +50,22 @@ where
     V: Clone,
     W: Weighter<K, V> + Clone,
 {
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.get_with(key, V::clone)
+    }
+
+    /// Look up every key, calling `found(i, value)` for each `keys[i]`
+    /// cached (in shard order, not key order).
+    pub fn get_many(&self, keys: &[K], mut found: impl FnMut(usize, V)) {
+        self.get_many_with(keys, |i, v| found(i, v.clone()));
+    }
+}
+
+impl<K, V, W> ShardCache<K, V, W>
+where
+    K: Eq + Hash + Clone,
+    W: Weighter<K, V> + Clone,
+{
     /// About `items` entries weighing at most `weight` in all.
     pub fn new(items: usize, weight: u64, weighter: W) -> Self {
         let shards = (0..SHARDS)
@@ -84,20 +100,10 @@ where
         by_shard
     }
 
-    pub fn get(&self, key: &K) -> Option<V> {
-        self.get_with(key, V::clone)
-    }
-
     /// `with(value)` on the cached value of `key`, under the shard's lock,
     /// for callers that need a part of a large value, not a copy of it.
     pub fn get_with<R>(&self, key: &K, with: impl FnOnce(&V) -> R) -> Option<R> {
         self.shards[self.shard_of(key)].read().get(key).map(with)
-    }
-
-    /// Look up every key, calling `found(i, value)` for each `keys[i]`
-    /// cached (in shard order, not key order).
-    pub fn get_many(&self, keys: &[K], mut found: impl FnMut(usize, V)) {
-        self.get_many_with(keys, |i, v| found(i, v.clone()));
     }
 
     /// `get_many` that lends each value (`with(i, &value)`, under the
@@ -234,6 +240,15 @@ where
 
     pub fn capacity(&self) -> u64 {
         self.shards.iter().map(|s| s.read().capacity()).sum()
+    }
+
+    /// Sets the total capacity (split evenly over the shards); shards over
+    /// it evict down to it.
+    pub fn set_capacity(&self, weight: u64) {
+        let each = weight.div_ceil(SHARDS as u64).max(1);
+        for s in self.shards.iter() {
+            s.write().set_capacity(each);
+        }
     }
 }
 

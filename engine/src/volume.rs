@@ -18,6 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::io::{AlignedBuf, IO_ALIGN};
 use crate::key::{BlockKey, RecordMeta};
 use crate::meta::{CacheFill, VolumeRecord};
+use crate::read_cache::HitKind;
 use crate::record::{self, HEADER_LEN};
 use crate::state::Txn;
 use crate::write_back::Change;
@@ -139,6 +140,59 @@ pub struct ReadParts {
 
 /// What holes read as, for every block size (at most 64 KiB).
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Blocks cached together as one run (see `read_cache`): 64 KiB at 4 KiB
+/// blocks, where sending a run costs about what sending contiguous memory
+/// does (docs/benchmarks.md, session 29).
+const RUN_BLOCKS: u64 = 16;
+
+/// Whether blocks are cached even if that evicts others.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Blocks just read: they are wanted.
+    Always,
+    /// Blocks just written: only into free room.
+    IfRoom,
+}
+
+/// The blocks' bytes as pieces: one per stretch of blocks that lie one
+/// after another in one buffer, shared zeros for each hole.
+fn merge_pieces(
+    keys: &[Option<BlockKey>],
+    found: &[Option<(Bytes, u32, bool)>],
+    bs: usize,
+) -> Vec<Bytes> {
+    let mut parts: Vec<Bytes> = Vec::new();
+    // The stretch being built: its buffer and byte range in it.
+    let mut open: Option<(&Bytes, usize, usize)> = None;
+    for (k, f) in keys.iter().zip(found) {
+        let next = match (k, f) {
+            (Some(_), Some((b, at, _))) => Some((b, *at as usize)),
+            _ => None,
+        };
+        match (&mut open, next) {
+            // The same live buffer (same start and length) continues.
+            (Some((b, _, end)), Some((nb, at)))
+                if b.as_ptr() == nb.as_ptr() && b.len() == nb.len() && *end == at =>
+            {
+                *end += bs;
+                continue;
+            }
+            _ => {}
+        }
+        if let Some((b, from, to)) = open.take() {
+            parts.push(b.slice(from..to));
+        }
+        match next {
+            Some((b, at)) => open = Some((b, at, at + bs)),
+            None => parts.push(Bytes::from_static(&ZEROS[..bs])),
+        }
+    }
+    if let Some((b, from, to)) = open {
+        parts.push(b.slice(from..to));
+    }
+    parts
+}
 
 /// The pieces as one buffer; no copy when there is only one.
 fn concat(mut parts: Vec<Bytes>) -> Bytes {
@@ -614,12 +668,12 @@ impl Volume {
             if let ([Some(k)], None) = (&keys[..], &skip) {
                 self.inner.read_cache.admit(*k, data.clone());
             } else {
-                self.inner
-                    .read_cache
-                    .admit_many(keys.iter().enumerate().filter_map(|(i, k)| {
-                        let k = k.filter(|_| sets(i))?;
-                        Some((k, Bytes::copy_from_slice(&data[i * bs..(i + 1) * bs])))
-                    }));
+                let blocks: Vec<(usize, BlockKey, usize)> = keys
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, k)| Some((i, k.filter(|_| sets(i))?, i)))
+                    .collect();
+                self.cache_copies(lba0, &blocks, data, Admit::IfRoom);
             }
             return Ok(backlog);
         }
@@ -640,10 +694,11 @@ impl Volume {
         })
     }
 
-    /// Like [`Volume::read`], but the bytes come as one piece per block:
-    /// cached blocks are handed out as they are and holes as shared zeros,
-    /// so a server can send them with vectored I/O instead of copying them
-    /// into one buffer first (a third of ballastd's CPU on 1 MiB reads).
+    /// Like [`Volume::read`], but the bytes come in pieces: cached blocks
+    /// are handed out as they are (one piece per stretch of blocks that lie
+    /// one after another in one cached buffer) and holes as shared zeros, so
+    /// a server can send them with vectored I/O instead of copying them into
+    /// one buffer first (a third of ballastd's CPU on 1 MiB reads).
     pub fn read_parts(&self, offset: u64, len: u32) -> EngineFuture<ReadParts> {
         let this = self.clone();
         Box::pin(async move { this.read_inner(offset, len as u64).await })
@@ -742,8 +797,8 @@ impl Volume {
         Ok((parts, runs))
     }
 
-    /// Blocks `[first, end)` as the engine stores them: their keys and one
-    /// piece per block.
+    /// Blocks `[first, end)` as the engine stores them: their keys and the
+    /// blocks' bytes in pieces (see `load_blocks`).
     async fn stored_blocks(
         &self,
         first: u64,
@@ -771,52 +826,139 @@ impl Volume {
         }
     }
 
-    /// One piece per block of `[lba0, lba0 + keys.len())`: cached blocks,
-    /// shared zeros for holes, and the rest read (from segment images still
-    /// in memory or from the disks) into one buffer, then cached.
+    /// The bytes of blocks `[lba0, lba0 + keys.len())` in pieces (see
+    /// `merge_pieces`): cached blocks, shared zeros for holes, and the rest
+    /// read (from segment images still in memory or from the disks) into
+    /// one buffer, then cached. Blocks of a run whose other blocks mostly
+    /// left the cache are re-cached alone, and aligned windows of blocks
+    /// each cached alone are gathered into runs (see `gather_runs`).
     async fn load_blocks(&self, lba0: u64, keys: &[Option<BlockKey>]) -> Result<Vec<Bytes>> {
         let bs = self.v.block_size as usize;
-        let mut parts: Vec<Bytes> = keys
-            .iter()
-            .map(|k| match k {
-                None => Bytes::from_static(&ZEROS[..bs]),
-                Some(_) => Bytes::new(),
-            })
-            .collect();
+        let cache = &self.inner.read_cache;
+        // Where each mapped block's bytes are (a buffer and an offset in it),
+        // and whether that is a cached buffer of its own.
+        let mut found: Vec<Option<(Bytes, u32, bool)>> = vec![None; keys.len()];
         let (at, mapped): (Vec<usize>, Vec<BlockKey>) = keys
             .iter()
             .enumerate()
             .filter_map(|(i, k)| k.map(|k| (i, k)))
             .unzip();
-        self.inner.read_cache.get_many(&mapped, |j, b| {
-            if b.len() == bs {
-                parts[at[j]] = b;
+        let mut recache = Vec::new();
+        cache.get_many(&mapped, |j, h| {
+            if h.len as usize != bs {
+                return;
             }
+            if h.kind == HitKind::SparseRun {
+                let b = &h.buf[h.at as usize..h.at as usize + bs];
+                recache.push((mapped[j], Bytes::copy_from_slice(b)));
+            }
+            found[at[j]] = Some((h.buf, h.at, h.kind == HitKind::Alone));
         });
+        if !recache.is_empty() {
+            cache.insert_many(recache);
+        }
         let missing: Vec<(usize, BlockKey)> = at
             .iter()
             .zip(&mapped)
-            .filter(|(&i, _)| parts[i].is_empty())
+            .filter(|(&i, _)| found[i].is_none())
             .map(|(&i, &k)| (i, k))
             .collect();
-        if missing.is_empty() {
-            return Ok(parts);
-        }
-        let mut buf = BytesMut::zeroed(missing.len() * bs);
-        self.read_missing(lba0, &missing, &mut buf).await?;
-        let buf = buf.freeze();
-        // Copies for the cache: a slice would keep the whole read buffer
-        // alive for as long as any one of its blocks stays cached.
-        self.inner.read_cache.insert_many(
-            missing
+        if !missing.is_empty() {
+            let mut buf = BytesMut::zeroed(missing.len() * bs);
+            self.read_missing(lba0, &missing, &mut buf).await?;
+            let buf = buf.freeze();
+            let loaded: Vec<(usize, BlockKey, usize)> = missing
                 .iter()
                 .enumerate()
-                .map(|(j, (_, k))| (*k, Bytes::copy_from_slice(&buf[j * bs..(j + 1) * bs]))),
-        );
-        for (j, (i, _)) in missing.iter().enumerate() {
-            parts[*i] = buf.slice(j * bs..(j + 1) * bs);
+                .map(|(j, &(i, k))| (i, k, j))
+                .collect();
+            self.cache_copies(lba0, &loaded, &buf, Admit::Always);
+            for (j, (i, _)) in missing.iter().enumerate() {
+                found[*i] = Some((buf.clone(), (j * bs) as u32, false));
+            }
         }
-        Ok(parts)
+        if keys.len() as u64 >= RUN_BLOCKS && cache.runs_welcome() {
+            self.gather_runs(lba0, keys, &mut found);
+        }
+        Ok(merge_pieces(keys, &found, bs))
+    }
+
+    /// Caches copies of blocks: `blocks` lists `(i, key, slot)` in
+    /// ascending `i`, block `lba0 + i` being `src[slot * bs..]`. Each aligned
+    /// window of [`RUN_BLOCKS`] blocks that are all listed and lie one after
+    /// another in `src` becomes one run; the others get a buffer each.
+    /// Copies: a slice would keep all of `src` alive for as long as any one
+    /// of its blocks stays cached.
+    fn cache_copies(&self, lba0: u64, blocks: &[(usize, BlockKey, usize)], src: &[u8], how: Admit) {
+        let bs = self.v.block_size as usize;
+        let cache = &self.inner.read_cache;
+        let runs = cache.runs_welcome();
+        let w = RUN_BLOCKS as usize;
+        let mut alone = Vec::new();
+        let mut j = 0;
+        while j < blocks.len() {
+            let (i, key, slot) = blocks[j];
+            let whole = runs
+                && (lba0 + i as u64).is_multiple_of(RUN_BLOCKS)
+                && blocks
+                    .get(j + w - 1)
+                    .is_some_and(|&(li, _, ls)| li == i + w - 1 && ls == slot + w - 1);
+            if whole {
+                let keys: Vec<BlockKey> = blocks[j..j + w].iter().map(|b| b.1).collect();
+                let run = Bytes::copy_from_slice(&src[slot * bs..(slot + w) * bs]);
+                cache.insert_run(&keys, run, bs, how == Admit::IfRoom);
+                j += w;
+            } else {
+                alone.push((
+                    key,
+                    Bytes::copy_from_slice(&src[slot * bs..(slot + 1) * bs]),
+                ));
+                j += 1;
+            }
+        }
+        match how {
+            Admit::Always => cache.insert_many(alone),
+            Admit::IfRoom => cache.admit_many(alone),
+        }
+    }
+
+    /// Re-caches each window of [`RUN_BLOCKS`] blocks (aligned on the
+    /// volume's block numbers) whose blocks are all cached each in a buffer
+    /// of its own as one run, and serves them from it: a later read of them
+    /// is one contiguous piece, not one scattered piece per block.
+    fn gather_runs(
+        &self,
+        lba0: u64,
+        keys: &[Option<BlockKey>],
+        found: &mut [Option<(Bytes, u32, bool)>],
+    ) {
+        let bs = self.v.block_size as usize;
+        let n = keys.len() as u64;
+        let mut w = lba0.div_ceil(RUN_BLOCKS) * RUN_BLOCKS;
+        while w + RUN_BLOCKS <= lba0 + n {
+            let lo = (w - lba0) as usize;
+            let hi = lo + RUN_BLOCKS as usize;
+            w += RUN_BLOCKS;
+            if !found[lo..hi]
+                .iter()
+                .all(|f| f.as_ref().is_some_and(|f| f.2))
+            {
+                continue;
+            }
+            let mut run = BytesMut::with_capacity((hi - lo) * bs);
+            for f in &found[lo..hi] {
+                let (b, at, _) = f.as_ref().expect("checked above");
+                run.extend_from_slice(&b[*at as usize..*at as usize + bs]);
+            }
+            let run = run.freeze();
+            let ks: Vec<BlockKey> = keys[lo..hi].iter().map(|k| k.expect("cached")).collect();
+            self.inner
+                .read_cache
+                .insert_run(&ks, run.clone(), bs, false);
+            for (j, f) in found[lo..hi].iter_mut().enumerate() {
+                *f = Some((run.clone(), (j * bs) as u32, false));
+            }
+        }
     }
 
     /// Read the blocks `missing` names (index from `lba0`, key) into

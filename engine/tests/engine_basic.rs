@@ -461,6 +461,89 @@ async fn writes_fill_free_read_cache_room_and_large_ones_only_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_reads_regroup_scattered_cached_blocks_and_read_true() {
+    let h = Harness::new(Backend::Sim);
+    let (e, v) = with_read_cache(&h, 16 << 20, 8 << 20).await;
+    // 2 MiB written one block at a time, out of order: each block is
+    // cached in a buffer of its own.
+    let mut model: Vec<Vec<u8>> = (0..512u64).map(|i| block(i, 4096, 0)).collect();
+    for i in (0..512u64).map(|i| (i * 167) % 512) {
+        v.write(i * 4096, Bytes::from(model[i as usize].clone()), false)
+            .await
+            .unwrap();
+    }
+    let whole = |m: &Vec<Vec<u8>>| m.concat();
+    let pieces = |r: &ballast_engine::ReadParts| r.parts.len();
+    // Read in 1 MiB: the first read gathers each aligned 64 KiB into one
+    // buffer, so it and every later read is 16 pieces per MiB.
+    for _ in 0..2 {
+        for mib in 0..2u64 {
+            let r = v.read_parts(mib << 20, 1 << 20).await.unwrap();
+            assert_eq!(pieces(&r), 16);
+            assert_eq!(
+                r.parts.concat(),
+                whole(&model)[(mib as usize) << 20..][..1 << 20]
+            );
+        }
+    }
+    // An unaligned read across runs still reads true.
+    let r = v.read(4096 * 15 + 100, 70_000).await.unwrap();
+    assert_eq!(r.data, whole(&model)[4096 * 15 + 100..][..70_000]);
+    // Overwrite 9 blocks of the first run and 1 of the second; once the
+    // old records die, the first run is mostly gone: reading its last
+    // blocks re-caches them alone, and everything reads the new data.
+    for i in (0..9).chain([20]) {
+        model[i] = block(10_000 + i as u64, 4096, 0);
+        v.write(i as u64 * 4096, Bytes::from(model[i].clone()), false)
+            .await
+            .unwrap();
+    }
+    e.flush().await.unwrap();
+    for _ in 0..2 {
+        let r = v.read(0, 2 << 20).await.unwrap();
+        assert_eq!(r.data, whole(&model));
+    }
+    let held = e.node_stats().read_cache_bytes;
+    assert!(held <= 16 << 20, "within its budget: {held}");
+    e.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_cache_runs_stay_within_the_budget_as_their_blocks_die() {
+    let h = Harness::new(Backend::Sim);
+    let budget = 4u64 << 20;
+    let (e, v) = with_read_cache(&h, budget, 32 << 20).await;
+    let mut seed = 0u64;
+    // Rounds of: 4 MiB written in 1 MiB writes (cached as runs while there
+    // is room), read back (the rest cached as runs), then 15 of every 16
+    // blocks overwritten one by one, which strands most of each run.
+    for round in 0..4u64 {
+        let base = (round % 2) * (8 << 20);
+        for mib in 0..4u64 {
+            seed += 1000;
+            v.write(base + (mib << 20), Bytes::from(mib_of_blocks(seed)), false)
+                .await
+                .unwrap();
+        }
+        let _ = v.read(base, 4 << 20).await.unwrap();
+        for b in (0..1024u64).filter(|b| b % 16 != 0) {
+            seed += 1;
+            v.write(base + b * 4096, Bytes::from(block(seed, 4096, 0)), false)
+                .await
+                .unwrap();
+        }
+        e.flush().await.unwrap();
+        let _ = v.read(base, 4 << 20).await.unwrap();
+        let held = e.node_stats().read_cache_bytes;
+        assert!(
+            held <= budget + budget / 32,
+            "round {round}: {held} bytes held, budget {budget}"
+        );
+    }
+    e.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_into_a_full_read_cache_go_around_it() {
     let h = Harness::new(Backend::Sim);
     let (e, v) = with_read_cache(&h, 1 << 20, 8 << 20).await;
