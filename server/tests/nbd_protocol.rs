@@ -779,6 +779,46 @@ fn large_writes_on_their_own_task_keep_arrival_order_with_later_overlapping_writ
 }
 
 #[test]
+fn large_writes_one_at_a_time_and_in_slow_pieces_complete() {
+    // Large payloads are read with a low-water mark on the socket (see
+    // `socket_hints::LowWater`): a client that waits for each reply, or
+    // sends a payload in pieces with pauses between them, must still get
+    // every write done, and the mark must be gone for the next header.
+    const MIB: usize = 1 << 20;
+    let c = MemoryCatalog::new();
+    let disk = c.add("disk", MemoryExport::new(64 * MIB as u64));
+    let srv = TestServer::start(Arc::new(c), NbdConfig::default());
+    let mut h = RawClient::connect(srv.addr, "disk", true, false);
+    // Enough back-to-back megabytes for the receive buffer to grow past
+    // where a mark is set.
+    for i in 0..48u64 {
+        let data = random_bytes(i, MIB);
+        assert_eq!(h.write(i, i * MIB as u64, &data), 0, "write {i}");
+    }
+    for (i, split) in [(48u64, 1000usize), (49, 300 << 10), (50, MIB - 1)] {
+        let data = random_bytes(i, MIB);
+        let head = h.request_bytes(0, proto::CMD_WRITE, i, i * MIB as u64, MIB as u64);
+        std::io::Write::write_all(&mut h.s, &head).unwrap();
+        std::io::Write::write_all(&mut h.s, &data[..split]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        std::io::Write::write_all(&mut h.s, &data[split..]).unwrap();
+        let (e, cookie) = h.status_reply().unwrap();
+        assert_eq!((e, cookie), (0, i), "write {i} split at {split}");
+        // A small request right after: its header alone must wake the server.
+        let (e, got) = h.read(1000 + i, i * MIB as u64, 4096);
+        assert_eq!(e, 0);
+        assert_eq!(got, data[..4096]);
+    }
+    for i in 0..51u64 {
+        assert_eq!(
+            disk.read_now(i * MIB as u64, MIB),
+            random_bytes(i, MIB),
+            "MiB {i}"
+        );
+    }
+}
+
+#[test]
 fn shutdown_finishes_in_flight_requests_and_flushes() {
     let c = MemoryCatalog::new();
     let disk = c.add(

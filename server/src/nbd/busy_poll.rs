@@ -38,21 +38,9 @@ use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufRead, BufReader};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::AsyncBufRead;
 
-/// A connection's read side that knows where its client's packets arrive.
-pub(crate) trait IncomingCpu {
-    /// The CPU that received the connection's last packet, if known.
-    fn incoming_cpu(&self) -> Option<usize>;
-}
-
-impl IncomingCpu for BufReader<OwnedReadHalf> {
-    fn incoming_cpu(&self) -> Option<usize> {
-        let stream: &tokio::net::TcpStream = self.get_ref().as_ref();
-        socket2::SockRef::from(stream).cpu_affinity().ok()
-    }
-}
+use super::socket_hints::SocketHints;
 
 /// The CPU this thread runs on now.
 fn current_cpu() -> Option<usize> {
@@ -108,7 +96,7 @@ impl BusyPoll {
 
     /// Returns once `rd` has bytes to read (or an error or end of stream to
     /// report), or the budget ran out; the caller then reads as usual.
-    pub async fn wait<R: AsyncBufRead + IncomingCpu + Unpin>(&mut self, rd: &mut R) {
+    pub async fn wait<R: AsyncBufRead + SocketHints + Unpin>(&mut self, rd: &mut R) {
         if self.budget.is_zero() || self.sync_run < SYNC_RUN {
             return;
         }
@@ -155,13 +143,9 @@ async fn ready<R: AsyncBufRead + Unpin>(rd: &mut R) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncWriteExt, DuplexStream};
+    use tokio::io::{AsyncWriteExt, BufReader, DuplexStream};
 
-    impl IncomingCpu for BufReader<DuplexStream> {
-        fn incoming_cpu(&self) -> Option<usize> {
-            None
-        }
-    }
+    impl SocketHints for BufReader<DuplexStream> {}
 
     /// A poller whose client has been sending one short request at a time.
     fn synchronous(budget: Duration) -> BusyPoll {

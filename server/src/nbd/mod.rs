@@ -6,6 +6,8 @@
 //!   with the client — plus the flat constant names the server uses.
 //! * `handshake`: fixed newstyle option haggling.
 //! * `busy_poll`: waiting for a connection's next request without sleeping.
+//! * `socket_hints`: socket options the request loop reads and sets (where
+//!   the client's packets arrive, a low-water mark for large payloads).
 //! * `transmission`: the pipelined request loop and reply writer.
 //! * [`server`]: [`NbdServer`] (accept loop, graceful shutdown) and
 //!   [`NbdConfig`].
@@ -17,6 +19,7 @@ mod handshake;
 pub mod memory_export;
 pub mod proto;
 pub mod server;
+mod socket_hints;
 mod transmission;
 
 pub use export::{Export, ExportCatalog, ExportError, ExportFuture, Extent, Payload};

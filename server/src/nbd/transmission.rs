@@ -29,11 +29,12 @@ use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::busy_poll::{BusyPoll, IncomingCpu};
+use super::busy_poll::BusyPoll;
 use super::export::{Export, ExportError, ExportFuture, Extent, Payload};
 use super::handshake::Negotiated;
 use super::proto::{self, HeaderMode, ReplyHeader, Request};
 use super::server::NbdConfig;
+use super::socket_hints::{LowWater, SocketHints};
 
 /// Reads smaller than this inside a read are sent as data, not hole chunks.
 const MIN_HOLE_CHUNK: u64 = 4096;
@@ -185,7 +186,7 @@ pub(crate) async fn serve<R, W>(
     stop: CancellationToken,
 ) -> Closed
 where
-    R: AsyncBufRead + IncomingCpu + Unpin + Send + Sync,
+    R: AsyncBufRead + SocketHints + Unpin + Send + Sync,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let max_in_flight = cfg.max_in_flight.max(1);
@@ -259,7 +260,7 @@ impl Drop for WriterTask {
     }
 }
 
-impl<R: AsyncBufRead + IncomingCpu + Unpin + Send + Sync> Reader<'_, R> {
+impl<R: AsyncBufRead + SocketHints + Unpin + Send + Sync> Reader<'_, R> {
     async fn run(&mut self) -> End {
         let hlen = self.mode.request_len();
         let mut hdr = [0u8; proto::EXTENDED_REQUEST_LEN];
@@ -365,10 +366,12 @@ impl<R: AsyncBufRead + IncomingCpu + Unpin + Send + Sync> Reader<'_, R> {
 
     async fn read_payload(&mut self, len: usize) -> Result<Bytes, End> {
         let mut buf = BytesMut::with_capacity(len);
+        let mut low = LowWater::for_payload(&self.rd, len);
         let rd = &mut self.rd;
         let fill = async {
             while buf.len() < len {
                 let want = len - buf.len();
+                low.before_read(&*rd, want);
                 let n = rd.read_buf(&mut (&mut buf).limit(want)).await?;
                 if n == 0 {
                     return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
@@ -376,7 +379,9 @@ impl<R: AsyncBufRead + IncomingCpu + Unpin + Send + Sync> Reader<'_, R> {
             }
             Ok(())
         };
-        let r = unless_stopped(&self.stop, fill).await?;
+        let r = unless_stopped(&self.stop, fill).await;
+        low.reset(&self.rd);
+        let r = r?;
         match r {
             Ok(()) => Ok(buf.freeze()),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(End::Eof),
