@@ -13,7 +13,9 @@
 # decides the result more than the server does (a server on fio's vCPU
 # answers in a third of the time). The "qd1 pinned" row therefore runs the
 # same workload with fio on CPU 0 and the server's threads on CPU 1, which
-# gives every server the same placement.
+# gives every server the same placement. So does "write 1m pinned": fio is
+# the busier side of 1 MiB writes (it generates every buffer), and a
+# server thread the scheduler puts beside it costs it throughput.
 #
 # This VM moves one server's figure by ±10% between minutes, more than the
 # differences the table is for. With ROUNDS > 1 each workload runs ROUNDS
@@ -81,7 +83,7 @@ t=sys.stdin.read(); d=json.loads(t[t.index("{"):])["jobs"][0]
 print("%.0f %.0f" % (d["read"]["iops"]+d["write"]["iops"], (d["read"]["bw_bytes"]+d["write"]["bw_bytes"])/1e6))'
   if [ "${5:-}" = pinned ]; then taskset -a -p -c 0-$(($(nproc) - 1)) "${spid[$1]}" >/dev/null; fi
 }
-workloads=("randread 4k 32" "randwrite 4k 32" "randread 4k 1" "randread 4k 1 pinned" "read 1m 8" "write 1m 8")
+workloads=("randread 4k 32" "randwrite 4k 32" "randread 4k 1" "randread 4k 1 pinned" "read 1m 8" "write 1m 8" "write 1m 8 pinned")
 printf '| workload |'; for t in "${targets[@]}"; do printf ' %s |' "$t"; done; echo
 printf '|---'; for _ in "${targets[@]}"; do printf '|---'; done; echo '|'
 # "v1 v2 ..." -> "median" or "median (min–max)"
