@@ -89,6 +89,15 @@ pub(crate) enum HitKind {
     SparseRun,
 }
 
+/// Whether blocks are cached even if that evicts others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Blocks just read: they are wanted.
+    Always,
+    /// Blocks just written: only into free room (see [`ReadCache::admit`]).
+    IfRoom,
+}
+
 #[derive(Clone)]
 struct ByLen;
 
@@ -159,9 +168,8 @@ impl ReadCache {
     }
 
     /// Cache `keys.len()` consecutive blocks of `block_len` bytes as one
-    /// run: `keys[i]` is `run[i * block_len..]`. With `if_room`, only the
-    /// entries that fit without evicting (see [`ReadCache::admit`]).
-    pub fn insert_run(&self, keys: &[BlockKey], run: Bytes, block_len: usize, if_room: bool) {
+    /// run: `keys[i]` is `run[i * block_len..]`.
+    pub fn insert_run(&self, keys: &[BlockKey], run: Bytes, block_len: usize, how: Admit) {
         let Some(c) = &self.cache else { return };
         if keys.is_empty() || keys.len() * block_len > run.len() {
             return;
@@ -181,10 +189,9 @@ impl ReadCache {
             };
             (*k, v)
         });
-        if if_room {
-            c.insert_many_if_room(entries);
-        } else {
-            c.update_many(entries.map(|(k, v)| (k, Some(v))));
+        match how {
+            Admit::IfRoom => c.insert_many_if_room(entries),
+            Admit::Always => c.update_many(entries.map(|(k, v)| (k, Some(v)))),
         }
         self.fit(c);
     }
@@ -286,7 +293,7 @@ mod tests {
         let c = ReadCache::new(64 << 20);
         let keys: Vec<BlockKey> = (0..16).map(key).collect();
         let run: Vec<u8> = (0..16 * 4096).map(|i| (i / 4096) as u8).collect();
-        c.insert_run(&keys, Bytes::from(run), 4096, false);
+        c.insert_run(&keys, Bytes::from(run), 4096, Admit::Always);
         let got = lookup(&c, &keys);
         for (i, g) in got.iter().enumerate() {
             let (data, kind) = g.as_ref().expect("cached");
@@ -321,7 +328,12 @@ mod tests {
         // Runs for the whole budget, then all but one entry of each leave.
         for r in 0..blocks / 16 {
             let keys: Vec<BlockKey> = (r * 16..r * 16 + 16).map(key).collect();
-            c.insert_run(&keys, Bytes::from(vec![r as u8; 16 * 4096]), 4096, false);
+            c.insert_run(
+                &keys,
+                Bytes::from(vec![r as u8; 16 * 4096]),
+                4096,
+                Admit::Always,
+            );
         }
         let survivors: Vec<BlockKey> = (0..blocks / 16).map(|r| key(r * 16)).collect();
         let gone: Vec<BlockKey> = (0..blocks).filter(|i| i % 16 != 0).map(key).collect();

@@ -18,7 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::io::{AlignedBuf, IO_ALIGN};
 use crate::key::{BlockKey, RecordMeta};
 use crate::meta::{CacheFill, VolumeRecord};
-use crate::read_cache::HitKind;
+use crate::read_cache::{Admit, HitKind};
 use crate::record::{self, HEADER_LEN};
 use crate::state::Txn;
 use crate::write_back::Change;
@@ -146,30 +146,23 @@ static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 /// does (docs/benchmarks.md, session 29).
 const RUN_BLOCKS: u64 = 16;
 
-/// Whether blocks are cached even if that evicts others.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Admit {
-    /// Blocks just read: they are wanted.
-    Always,
-    /// Blocks just written: only into free room.
-    IfRoom,
+/// Where a mapped block's bytes are for a read: `buf[at..at + bs]`, and
+/// whether `buf` is a cached buffer of its own (a candidate for a run).
+#[derive(Clone)]
+struct Located {
+    buf: Bytes,
+    at: u32,
+    cached_alone: bool,
 }
 
 /// The blocks' bytes as pieces: one per stretch of blocks that lie one
-/// after another in one buffer, shared zeros for each hole.
-fn merge_pieces(
-    keys: &[Option<BlockKey>],
-    found: &[Option<(Bytes, u32, bool)>],
-    bs: usize,
-) -> Vec<Bytes> {
+/// after another in one buffer, shared zeros for each hole (`None`).
+fn merge_pieces(found: &[Option<Located>], bs: usize) -> Vec<Bytes> {
     let mut parts: Vec<Bytes> = Vec::new();
     // The stretch being built: its buffer and byte range in it.
     let mut open: Option<(&Bytes, usize, usize)> = None;
-    for (k, f) in keys.iter().zip(found) {
-        let next = match (k, f) {
-            (Some(_), Some((b, at, _))) => Some((b, *at as usize)),
-            _ => None,
-        };
+    for f in found {
+        let next = f.as_ref().map(|l| (&l.buf, l.at as usize));
         match (&mut open, next) {
             // The same live buffer (same start and length) continues.
             (Some((b, _, end)), Some((nb, at)))
@@ -835,9 +828,8 @@ impl Volume {
     async fn load_blocks(&self, lba0: u64, keys: &[Option<BlockKey>]) -> Result<Vec<Bytes>> {
         let bs = self.v.block_size as usize;
         let cache = &self.inner.read_cache;
-        // Where each mapped block's bytes are (a buffer and an offset in it),
-        // and whether that is a cached buffer of its own.
-        let mut found: Vec<Option<(Bytes, u32, bool)>> = vec![None; keys.len()];
+        // Where each mapped block's bytes are; holes stay `None`.
+        let mut found: Vec<Option<Located>> = vec![None; keys.len()];
         let (at, mapped): (Vec<usize>, Vec<BlockKey>) = keys
             .iter()
             .enumerate()
@@ -852,7 +844,11 @@ impl Volume {
                 let b = &h.buf[h.at as usize..h.at as usize + bs];
                 recache.push((mapped[j], Bytes::copy_from_slice(b)));
             }
-            found[at[j]] = Some((h.buf, h.at, h.kind == HitKind::Alone));
+            found[at[j]] = Some(Located {
+                cached_alone: h.kind == HitKind::Alone,
+                buf: h.buf,
+                at: h.at,
+            });
         });
         if !recache.is_empty() {
             cache.insert_many(recache);
@@ -874,13 +870,17 @@ impl Volume {
                 .collect();
             self.cache_copies(lba0, &loaded, &buf, Admit::Always);
             for (j, (i, _)) in missing.iter().enumerate() {
-                found[*i] = Some((buf.clone(), (j * bs) as u32, false));
+                found[*i] = Some(Located {
+                    buf: buf.clone(),
+                    at: (j * bs) as u32,
+                    cached_alone: false,
+                });
             }
         }
         if keys.len() as u64 >= RUN_BLOCKS && cache.runs_welcome() {
             self.gather_runs(lba0, keys, &mut found);
         }
-        Ok(merge_pieces(keys, &found, bs))
+        Ok(merge_pieces(&found, bs))
     }
 
     /// Caches copies of blocks: `blocks` lists `(i, key, slot)` in
@@ -906,7 +906,7 @@ impl Volume {
             if whole {
                 let keys: Vec<BlockKey> = blocks[j..j + w].iter().map(|b| b.1).collect();
                 let run = Bytes::copy_from_slice(&src[slot * bs..(slot + w) * bs]);
-                cache.insert_run(&keys, run, bs, how == Admit::IfRoom);
+                cache.insert_run(&keys, run, bs, how);
                 j += w;
             } else {
                 alone.push((
@@ -926,12 +926,7 @@ impl Volume {
     /// volume's block numbers) whose blocks are all cached each in a buffer
     /// of its own as one run, and serves them from it: a later read of them
     /// is one contiguous piece, not one scattered piece per block.
-    fn gather_runs(
-        &self,
-        lba0: u64,
-        keys: &[Option<BlockKey>],
-        found: &mut [Option<(Bytes, u32, bool)>],
-    ) {
+    fn gather_runs(&self, lba0: u64, keys: &[Option<BlockKey>], found: &mut [Option<Located>]) {
         let bs = self.v.block_size as usize;
         let n = keys.len() as u64;
         let mut w = lba0.div_ceil(RUN_BLOCKS) * RUN_BLOCKS;
@@ -941,22 +936,26 @@ impl Volume {
             w += RUN_BLOCKS;
             if !found[lo..hi]
                 .iter()
-                .all(|f| f.as_ref().is_some_and(|f| f.2))
+                .all(|f| f.as_ref().is_some_and(|l| l.cached_alone))
             {
                 continue;
             }
             let mut run = BytesMut::with_capacity((hi - lo) * bs);
             for f in &found[lo..hi] {
-                let (b, at, _) = f.as_ref().expect("checked above");
-                run.extend_from_slice(&b[*at as usize..*at as usize + bs]);
+                let l = f.as_ref().expect("checked above");
+                run.extend_from_slice(&l.buf[l.at as usize..l.at as usize + bs]);
             }
             let run = run.freeze();
             let ks: Vec<BlockKey> = keys[lo..hi].iter().map(|k| k.expect("cached")).collect();
             self.inner
                 .read_cache
-                .insert_run(&ks, run.clone(), bs, false);
+                .insert_run(&ks, run.clone(), bs, Admit::Always);
             for (j, f) in found[lo..hi].iter_mut().enumerate() {
-                *f = Some((run.clone(), (j * bs) as u32, false));
+                *f = Some(Located {
+                    buf: run.clone(),
+                    at: (j * bs) as u32,
+                    cached_alone: false,
+                });
             }
         }
     }
