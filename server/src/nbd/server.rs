@@ -72,6 +72,10 @@ pub struct NbdConfig {
     /// sleeps (zero: never). Keeps the vCPU awake for a client that sends
     /// one request at a time; see `busy_poll`.
     pub busy_poll: Duration,
+    /// TCP congestion control algorithms for connections from this host,
+    /// the first one the kernel accepts wins (empty: the system's default
+    /// for all). Loopback has nothing to pace for; see `congestion`.
+    pub local_congestion: Vec<String>,
 }
 
 impl Default for NbdConfig {
@@ -88,6 +92,10 @@ impl Default for NbdConfig {
             extended_headers: true,
             read_buffer: 32 * 1024,
             busy_poll: DEFAULT_BUSY_POLL,
+            local_congestion: super::DEFAULT_LOCAL_CONGESTION
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
         }
     }
 }
@@ -271,6 +279,9 @@ async fn connection(
     tracing::debug!(peer = %peer, "NBD connection opened");
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(peer = %peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    if let Some(algorithm) = super::congestion::choose(&stream, peer, &cfg.local_congestion) {
+        tracing::debug!(peer = %peer, %algorithm, "local client: TCP congestion control");
     }
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(cfg.read_buffer.max(4096), rd);
