@@ -830,9 +830,11 @@ impl Volume {
         let cache = &self.inner.read_cache;
         // Where each mapped block's bytes are; holes stay `None`.
         let mut found: Vec<Option<Located>> = vec![None; keys.len()];
+        self.whole_runs(lba0, keys, &mut found);
         let (at, mapped): (Vec<usize>, Vec<BlockKey>) = keys
             .iter()
             .enumerate()
+            .filter(|(i, _)| found[*i].is_none())
             .filter_map(|(i, k)| k.map(|k| (i, k)))
             .unzip();
         let mut recache = Vec::new();
@@ -881,6 +883,42 @@ impl Volume {
             self.gather_runs(lba0, keys, &mut found);
         }
         Ok(merge_pieces(&found, bs))
+    }
+
+    /// Fills `found` for each aligned window of [`RUN_BLOCKS`] mapped blocks
+    /// that the read cache holds as one whole run (see
+    /// `ReadCache::get_runs`).
+    fn whole_runs(&self, lba0: u64, keys: &[Option<BlockKey>], found: &mut [Option<Located>]) {
+        let w = RUN_BLOCKS as usize;
+        if keys.len() < w {
+            return;
+        }
+        let bs = self.v.block_size as usize;
+        let skip = (lba0.next_multiple_of(RUN_BLOCKS) - lba0) as usize;
+        let mut starts = Vec::new();
+        // The windows' keys one after another, `w` per window.
+        let mut flat: Vec<BlockKey> = Vec::with_capacity(keys.len());
+        let mut lo = skip;
+        while lo + w <= keys.len() {
+            if keys[lo..lo + w].iter().all(Option::is_some) {
+                starts.push(lo);
+                flat.extend(keys[lo..lo + w].iter().flatten());
+            }
+            lo += w;
+        }
+        if starts.is_empty() {
+            return;
+        }
+        let refs: Vec<&[BlockKey]> = flat.chunks(w).collect();
+        self.inner.read_cache.get_runs(&refs, |i, buf| {
+            for (j, f) in found[starts[i]..starts[i] + w].iter_mut().enumerate() {
+                *f = Some(Located {
+                    buf: buf.clone(),
+                    at: (j * bs) as u32,
+                    cached_alone: false,
+                });
+            }
+        });
     }
 
     /// Caches copies of blocks: `blocks` lists `(i, key, slot)` in
