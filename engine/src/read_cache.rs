@@ -165,9 +165,9 @@ impl ReadCache {
         }
     }
 
-    /// Whole runs: for each `runs[i]`, a list of consecutive blocks,
-    /// `found(i, buf)` when one cached run holds exactly those blocks in
-    /// that order, all of them still cached (block `j` is
+    /// Whole runs: for each `runs[i]`, a list of consecutive blocks of
+    /// `block_len` bytes, `found(i, buf)` when one cached run holds exactly
+    /// those blocks in that order, all of them still cached (block `j` is
     /// `buf[j * block_len..]`). One lookup per run instead of one per block
     /// (256 lookups of scattered memory per MiB read were an eighth of
     /// ballastd's CPU under 1 MiB reads).
@@ -177,7 +177,12 @@ impl ReadCache {
     /// take them first although they are read as often. Every
     /// [`TOUCH_EVERY`]th lookup of a run therefore finds nothing, and the
     /// caller looks its blocks up one by one, which marks them all.
-    pub fn get_runs(&self, runs: &[&[BlockKey]], mut found: impl FnMut(usize, Bytes)) {
+    pub fn get_runs(
+        &self,
+        runs: &[&[BlockKey]],
+        block_len: usize,
+        mut found: impl FnMut(usize, Bytes),
+    ) {
         let Some(c) = &self.cache else { return };
         let firsts: Vec<BlockKey> = runs.iter().filter_map(|r| r.first().copied()).collect();
         if firsts.len() != runs.len() {
@@ -187,6 +192,7 @@ impl ReadCache {
             let Some(m) = &v.run else { return };
             let life = &m.0;
             let whole = v.at == 0
+                && life.block_len as usize == block_len
                 && *life.keys == *runs[i]
                 && life.live.load(Ordering::Relaxed) == life.blocks
                 && v.buf.len() >= life.keys.len() * life.block_len as usize;
@@ -368,7 +374,7 @@ mod tests {
 
     fn whole_runs(c: &ReadCache, runs: &[&[BlockKey]]) -> Vec<Option<Bytes>> {
         let mut out = vec![None; runs.len()];
-        c.get_runs(runs, |i, b| out[i] = Some(b));
+        c.get_runs(runs, 4096, |i, b| out[i] = Some(b));
         out
     }
 
@@ -395,6 +401,9 @@ mod tests {
         // A block that left (or was cached again alone) spoils the run.
         c.forget(b[3..4].iter());
         assert!(whole_runs(&c, &[&b])[0].is_none());
+        let mut other_size = vec![None];
+        c.get_runs(&[&a], 8192, |i, b| other_size[i] = Some(b));
+        assert!(other_size[0].is_none(), "blocks of another size");
         c.insert_many([(a[5], Bytes::from(vec![5u8; 4096]))]);
         assert!(whole_runs(&c, &[&a])[0].is_none());
     }

@@ -910,7 +910,7 @@ impl Volume {
             return;
         }
         let refs: Vec<&[BlockKey]> = flat.chunks(w).collect();
-        self.inner.read_cache.get_runs(&refs, |i, buf| {
+        self.inner.read_cache.get_runs(&refs, bs, |i, buf| {
             for (j, f) in found[starts[i]..starts[i] + w].iter_mut().enumerate() {
                 *f = Some(Located {
                     buf: buf.clone(),
