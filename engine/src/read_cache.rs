@@ -401,7 +401,7 @@ mod tests {
         // A block that left (or was cached again alone) spoils the run.
         c.forget(b[3..4].iter());
         assert!(whole_runs(&c, &[&b])[0].is_none());
-        let mut other_size = vec![None];
+        let mut other_size = [None];
         c.get_runs(&[&a], 8192, |i, b| other_size[i] = Some(b));
         assert!(other_size[0].is_none(), "blocks of another size");
         c.insert_many([(a[5], Bytes::from(vec![5u8; 4096]))]);
