@@ -191,11 +191,11 @@ impl ReadCache {
         c.get_many_with(&firsts, |i, v| {
             let Some(m) = &v.run else { return };
             let life = &m.0;
+            // (`insert_run` made sure the buffer holds all its blocks.)
             let whole = v.at == 0
                 && life.block_len as usize == block_len
                 && *life.keys == *runs[i]
-                && life.live.load(Ordering::Relaxed) == life.blocks
-                && v.buf.len() >= life.keys.len() * life.block_len as usize;
+                && life.live.load(Ordering::Relaxed) == life.blocks;
             if whole && life.served.fetch_add(1, Ordering::Relaxed) % TOUCH_EVERY != TOUCH_EVERY - 1
             {
                 found(i, v.buf.clone());

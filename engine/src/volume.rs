@@ -155,6 +155,30 @@ struct Located {
     cached_alone: bool,
 }
 
+/// Points each of `found` at the next block-sized slot of `buf`, from
+/// `first_slot` on: blocks served from one buffer that is not a block's
+/// own cache entry (a run, or what was just read from disk).
+fn serve_from(found: &mut [Option<Located>], buf: &Bytes, first_slot: usize, bs: usize) {
+    for (j, f) in found.iter_mut().enumerate() {
+        *f = Some(Located {
+            buf: buf.clone(),
+            at: ((first_slot + j) * bs) as u32,
+            cached_alone: false,
+        });
+    }
+}
+
+/// The index ranges, within `n` blocks starting at block `lba0`, of the
+/// whole windows of [`RUN_BLOCKS`] aligned on the volume's block numbers.
+fn aligned_windows(lba0: u64, n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let w = RUN_BLOCKS as usize;
+    let skip = (lba0.next_multiple_of(RUN_BLOCKS) - lba0) as usize;
+    (skip..)
+        .step_by(w)
+        .take_while(move |lo| lo + w <= n)
+        .map(move |lo| lo..lo + w)
+}
+
 /// The blocks' bytes as pieces: one per stretch of blocks that lie one
 /// after another in one buffer, shared zeros for each hole (`None`).
 fn merge_pieces(found: &[Option<Located>], bs: usize) -> Vec<Bytes> {
@@ -872,11 +896,7 @@ impl Volume {
                 .collect();
             self.cache_copies(lba0, &loaded, &buf, Admit::Always);
             for (j, (i, _)) in missing.iter().enumerate() {
-                found[*i] = Some(Located {
-                    buf: buf.clone(),
-                    at: (j * bs) as u32,
-                    cached_alone: false,
-                });
+                serve_from(&mut found[*i..*i + 1], &buf, j, bs);
             }
         }
         if keys.len() as u64 >= RUN_BLOCKS && cache.runs_welcome() {
@@ -890,34 +910,22 @@ impl Volume {
     /// `ReadCache::get_runs`).
     fn whole_runs(&self, lba0: u64, keys: &[Option<BlockKey>], found: &mut [Option<Located>]) {
         let w = RUN_BLOCKS as usize;
-        if keys.len() < w {
-            return;
-        }
         let bs = self.v.block_size as usize;
-        let skip = (lba0.next_multiple_of(RUN_BLOCKS) - lba0) as usize;
         let mut starts = Vec::new();
         // The windows' keys one after another, `w` per window.
         let mut flat: Vec<BlockKey> = Vec::with_capacity(keys.len());
-        let mut lo = skip;
-        while lo + w <= keys.len() {
-            if keys[lo..lo + w].iter().all(Option::is_some) {
-                starts.push(lo);
-                flat.extend(keys[lo..lo + w].iter().flatten());
+        for win in aligned_windows(lba0, keys.len()) {
+            if keys[win.clone()].iter().all(Option::is_some) {
+                starts.push(win.start);
+                flat.extend(keys[win].iter().flatten());
             }
-            lo += w;
         }
         if starts.is_empty() {
             return;
         }
         let refs: Vec<&[BlockKey]> = flat.chunks(w).collect();
         self.inner.read_cache.get_runs(&refs, bs, |i, buf| {
-            for (j, f) in found[starts[i]..starts[i] + w].iter_mut().enumerate() {
-                *f = Some(Located {
-                    buf: buf.clone(),
-                    at: (j * bs) as u32,
-                    cached_alone: false,
-                });
-            }
+            serve_from(&mut found[starts[i]..starts[i] + w], &buf, 0, bs);
         });
     }
 
@@ -966,35 +974,27 @@ impl Volume {
     /// is one contiguous piece, not one scattered piece per block.
     fn gather_runs(&self, lba0: u64, keys: &[Option<BlockKey>], found: &mut [Option<Located>]) {
         let bs = self.v.block_size as usize;
-        let n = keys.len() as u64;
-        let mut w = lba0.div_ceil(RUN_BLOCKS) * RUN_BLOCKS;
-        while w + RUN_BLOCKS <= lba0 + n {
-            let lo = (w - lba0) as usize;
-            let hi = lo + RUN_BLOCKS as usize;
-            w += RUN_BLOCKS;
-            if !found[lo..hi]
+        for win in aligned_windows(lba0, keys.len()) {
+            if !found[win.clone()]
                 .iter()
                 .all(|f| f.as_ref().is_some_and(|l| l.cached_alone))
             {
                 continue;
             }
-            let mut run = BytesMut::with_capacity((hi - lo) * bs);
-            for f in &found[lo..hi] {
+            let mut run = BytesMut::with_capacity(win.len() * bs);
+            for f in &found[win.clone()] {
                 let l = f.as_ref().expect("checked above");
                 run.extend_from_slice(&l.buf[l.at as usize..l.at as usize + bs]);
             }
             let run = run.freeze();
-            let ks: Vec<BlockKey> = keys[lo..hi].iter().map(|k| k.expect("cached")).collect();
+            let ks: Vec<BlockKey> = keys[win.clone()]
+                .iter()
+                .map(|k| k.expect("cached"))
+                .collect();
             self.inner
                 .read_cache
                 .insert_run(&ks, run.clone(), bs, Admit::Always);
-            for (j, f) in found[lo..hi].iter_mut().enumerate() {
-                *f = Some(Located {
-                    buf: run.clone(),
-                    at: (j * bs) as u32,
-                    cached_alone: false,
-                });
-            }
+            serve_from(&mut found[win], &run, 0, bs);
         }
     }
 

@@ -800,8 +800,9 @@ async fn late_writes(b: Backend, v: Volume, old: impl Fn(u64) -> Vec<u8>) {
     // The simulated disk completes reads within their first poll, and so
     // may io_uring: a read the kernel can finish without waiting (a fast
     // device, or a disk file served from memory) completes inside the
-    // submitting system call, which made this assertion fail now and then. The thread pool never does, so it
-    // is the backend that always has a later write overtake a pending one.
+    // submitting system call, which made this assertion fail now and then.
+    // The thread pool never does, so it is the backend that always has a
+    // later write overtake a pending one.
     let sync_io = matches!(b, Backend::Sim | Backend::Uring);
     {
         let part = Bytes::from(vec![0xAB; 512]);

@@ -68,7 +68,7 @@ pub struct Args {
     /// which on a VM costs large reads a fifth of their throughput. Clients on other hosts
     /// always keep the system's algorithm. Reno is always allowed; others only as listed in
     /// net.ipv4.tcp_allowed_congestion_control, or to root.
-    #[arg(long, default_value = "cubic,reno", value_name = "LIST|system", value_parser = parse_congestion)]
+    #[arg(long, default_value_t = CongestionArg::default(), value_name = "LIST|system", value_parser = parse_congestion)]
     pub nbd_local_congestion: CongestionArg,
     /// Address of the gRPC control plane (what `ballast --api` talks to).
     #[arg(long, default_value = "127.0.0.1:7800", value_name = "ADDR")]
@@ -172,6 +172,23 @@ fn parse_max_connections(s: &str) -> Result<usize, String> {
 /// `--nbd-local-congestion`: algorithms to try in order (empty: `system`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CongestionArg(pub Vec<String>);
+
+impl Default for CongestionArg {
+    fn default() -> Self {
+        CongestionArg(crate::nbd::NbdConfig::default().local_congestion)
+    }
+}
+
+/// As the flag is written (what `--help` shows as the default).
+impl std::fmt::Display for CongestionArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("system")
+        } else {
+            f.write_str(&self.0.join(","))
+        }
+    }
+}
 
 fn parse_congestion(s: &str) -> Result<CongestionArg, String> {
     if s.trim().eq_ignore_ascii_case("system") {
