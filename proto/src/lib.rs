@@ -1,7 +1,9 @@
 //! Shared by `ballastd` and `ballast`: the gRPC control-plane types generated
 //! from proto/ballast.proto, byte-size parsing/formatting ([`size`]), and the
 //! NBD wire protocol ([`nbd`]) that `ballastd`'s server and the client's NBD
-//! client both speak, so the two ends cannot drift apart.
+//! client both speak, so the two ends cannot drift apart, and the TCP
+//! congestion control both ends choose for connections within one host
+//! ([`congestion`]).
 //!
 //! Package `ballast.v1`: [`v1::volume_service_client`], [`v1::volume_service_server`],
 //! [`v1::node_service_client`], [`v1::node_service_server`] and the messages.
@@ -17,3 +19,5 @@ pub use v1::*;
 pub mod size;
 
 pub mod nbd;
+
+pub mod congestion;

@@ -6,6 +6,7 @@ use crate::nbd::server::{DEFAULT_BUSY_POLL, DEFAULT_MAX_CONNECTIONS};
 use anyhow::{bail, Context};
 use ballast_engine::io::BackendChoice;
 use ballast_engine::{DiskSpec, Engine, EngineConfig};
+use ballast_proto::congestion::LocalCongestion;
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,8 +69,8 @@ pub struct Args {
     /// which on a VM costs large reads a fifth of their throughput. Clients on other hosts
     /// always keep the system's algorithm. Reno is always allowed; others only as listed in
     /// net.ipv4.tcp_allowed_congestion_control, or to root.
-    #[arg(long, default_value_t = CongestionArg::default(), value_name = "LIST|system", value_parser = parse_congestion)]
-    pub nbd_local_congestion: CongestionArg,
+    #[arg(long, default_value_t = LocalCongestion::default(), value_name = "LIST|system")]
+    pub nbd_local_congestion: LocalCongestion,
     /// Address of the gRPC control plane (what `ballast --api` talks to).
     #[arg(long, default_value = "127.0.0.1:7800", value_name = "ADDR")]
     pub listen_api: SocketAddr,
@@ -167,47 +168,6 @@ fn parse_max_connections(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{e} (a whole number of connections)")),
     }
-}
-
-/// `--nbd-local-congestion`: algorithms to try in order (empty: `system`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CongestionArg(pub Vec<String>);
-
-impl Default for CongestionArg {
-    fn default() -> Self {
-        CongestionArg(crate::nbd::NbdConfig::default().local_congestion)
-    }
-}
-
-/// As the flag is written (what `--help` shows as the default).
-impl std::fmt::Display for CongestionArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_empty() {
-            f.write_str("system")
-        } else {
-            f.write_str(&self.0.join(","))
-        }
-    }
-}
-
-fn parse_congestion(s: &str) -> Result<CongestionArg, String> {
-    if s.trim().eq_ignore_ascii_case("system") {
-        return Ok(CongestionArg(Vec::new()));
-    }
-    let names: Vec<String> = s.split(',').map(|n| n.trim().to_string()).collect();
-    for n in &names {
-        // The kernel's names fit TCP_CA_NAME_MAX (16 bytes with the NUL).
-        let ok = !n.is_empty()
-            && n.len() < 16
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !ok {
-            return Err(format!(
-                "{n:?} is not a TCP congestion control name: give a comma-separated list such as \"cubic,reno\" (see /proc/sys/net/ipv4/tcp_available_congestion_control) or \"system\""
-            ));
-        }
-    }
-    Ok(CongestionArg(names))
 }
 
 fn parse_cache_arg(s: &str) -> Result<ReadCacheArg, String> {
@@ -340,7 +300,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         crate::nbd::NbdConfig {
             max_connections: args.max_nbd_connections,
             busy_poll: std::time::Duration::from_micros(args.nbd_busy_poll),
-            local_congestion: args.nbd_local_congestion.0.clone(),
+            local_congestion: args.nbd_local_congestion.clone(),
             ..crate::nbd::NbdConfig::default()
         },
     )
@@ -455,12 +415,12 @@ mod tests {
     #[test]
     fn local_congestion_argument() {
         let args = Args::try_parse_from(["ballastd"]).unwrap();
-        assert_eq!(args.nbd_local_congestion.0, ["cubic", "reno"]);
+        assert_eq!(args.nbd_local_congestion.algorithms(), ["cubic", "reno"]);
         let args = Args::try_parse_from(["ballastd", "--nbd-local-congestion", "system"]).unwrap();
-        assert!(args.nbd_local_congestion.0.is_empty());
+        assert!(args.nbd_local_congestion.algorithms().is_empty());
         let args =
             Args::try_parse_from(["ballastd", "--nbd-local-congestion", "dctcp, reno"]).unwrap();
-        assert_eq!(args.nbd_local_congestion.0, ["dctcp", "reno"]);
+        assert_eq!(args.nbd_local_congestion.algorithms(), ["dctcp", "reno"]);
         for bad in ["", "cubic,,reno", "a b", "averyveryverylongname"] {
             assert!(
                 Args::try_parse_from(["ballastd", "--nbd-local-congestion", bad]).is_err(),

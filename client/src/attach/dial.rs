@@ -1,6 +1,7 @@
-//! Opening NBD connections for attachments: TCP with `TCP_NODELAY` and
+//! Opening NBD connections for attachments: TCP with `TCP_NODELAY`,
 //! keepalive (so a vanished host is noticed in about half a minute even when
-//! no request is waiting), negotiated either into an [`NbdClient`] (FUSE) or
+//! no request is waiting) and, to a server on this host, a non-pacing
+//! congestion control ([`ConnectOptions::local_congestion`]), negotiated either into an [`NbdClient`] (FUSE) or
 //! left as a raw socket in transmission mode for the kernel.
 
 use std::os::fd::AsRawFd;
@@ -30,8 +31,9 @@ fn setsockopt_int(fd: libc::c_int, level: libc::c_int, name: libc::c_int, value:
     };
 }
 
-/// A TCP connection to `host:port` with `TCP_NODELAY` and keepalive set.
-pub async fn tcp(host: &str, port: u16) -> Result<TcpStream, NbdError> {
+/// A TCP connection to `host:port` with `TCP_NODELAY`, keepalive and the
+/// congestion control `opts` asks for set.
+pub async fn tcp(host: &str, port: u16, opts: &ConnectOptions) -> Result<TcpStream, NbdError> {
     let stream = TcpStream::connect((host, port))
         .await
         .map_err(|error| NbdError::Connect {
@@ -39,6 +41,7 @@ pub async fn tcp(host: &str, port: u16) -> Result<TcpStream, NbdError> {
             error,
         })?;
     stream.set_nodelay(true)?;
+    opts.local_congestion.apply(&stream);
     let fd = stream.as_raw_fd();
     // Keepalive tuning is best effort: without it the connection still
     // works, a dead host is only noticed later.
@@ -63,7 +66,7 @@ pub async fn tcp(host: &str, port: u16) -> Result<TcpStream, NbdError> {
 pub async fn client(uri: &NbdUri, opts: &ConnectOptions) -> Result<NbdClient, NbdError> {
     match &uri.addr {
         NbdAddr::Tcp { host, port } => {
-            let s = tcp(host, *port).await?;
+            let s = tcp(host, *port, opts).await?;
             NbdClient::from_stream(s, uri.clone(), opts, |s| s.into_split()).await
         }
         NbdAddr::Unix(_) => NbdClient::connect_with(uri, opts).await,
@@ -78,6 +81,7 @@ pub fn kernel_options() -> ConnectOptions {
         structured_replies: false,
         meta_contexts: Vec::new(),
         request_block_size: false,
+        ..ConnectOptions::default()
     }
 }
 
@@ -90,8 +94,9 @@ pub async fn kernel_socket(uri: &NbdUri) -> Result<(std::net::TcpStream, Negotia
             reason: "the kernel attach path needs a TCP address (nbd://HOST:PORT/EXPORT)".into(),
         });
     };
-    let mut s = tcp(host, *port).await?;
-    let negotiated = negotiate(&mut s, &uri.export, &kernel_options()).await?;
+    let opts = kernel_options();
+    let mut s = tcp(host, *port, &opts).await?;
+    let negotiated = negotiate(&mut s, &uri.export, &opts).await?;
     if negotiated.structured_replies {
         // negotiate() only turns them on when asked; this guards the kernel
         // against a future change of the defaults.

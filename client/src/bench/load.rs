@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use ballast_proto::congestion::LocalCongestion;
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -106,6 +107,8 @@ pub struct LoadConfig {
     pub size: Option<u64>,
     /// Writes with FUA.
     pub fua: bool,
+    /// TCP congestion control of connections to a server on this host.
+    pub local_congestion: LocalCongestion,
 }
 
 impl LoadConfig {
@@ -127,6 +130,7 @@ impl LoadConfig {
             offset: 0,
             size: None,
             fua: false,
+            local_congestion: LocalCongestion::default(),
         }
     }
 }
@@ -282,8 +286,15 @@ impl RunCtx {
 }
 
 /// Connect `n` clients to `uri`.
-pub async fn connect_all(uri: &NbdUri, n: usize) -> anyhow::Result<Vec<NbdClient>> {
-    let opts = crate::nbd::ConnectOptions::default();
+pub async fn connect_all(
+    uri: &NbdUri,
+    n: usize,
+    local_congestion: &LocalCongestion,
+) -> anyhow::Result<Vec<NbdClient>> {
+    let opts = crate::nbd::ConnectOptions {
+        local_congestion: local_congestion.clone(),
+        ..Default::default()
+    };
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
         let uri = uri.clone();
@@ -311,7 +322,7 @@ pub async fn run_load(cfg: &LoadConfig, live: Arc<Live>) -> anyhow::Result<Bench
         bail!("give --duration or --bytes");
     }
     live.phase.store(phase::CONNECTING, Ordering::Relaxed);
-    let conns = connect_all(&cfg.uri, cfg.connections)
+    let conns = connect_all(&cfg.uri, cfg.connections, &cfg.local_congestion)
         .await
         .with_context(|| {
             format!(

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ballast_proto::congestion::LocalCongestion;
 use clap::{Args, Subcommand};
 
 pub use load::{run_load, Live, LoadConfig, Pattern};
@@ -113,6 +114,16 @@ pub struct BenchArgs {
     /// Send writes with FUA.
     #[arg(long)]
     pub fua: bool,
+
+    /// TCP congestion control of connections to a server on this host
+    /// (loopback, or this host's own address): a comma-separated list, the
+    /// first one the kernel accepts wins; `system` keeps the system's
+    /// default. A pacing algorithm such as BBR slows large writes over
+    /// loopback (a timer per burst); servers elsewhere always get the
+    /// system's. Reno is always allowed; others only as listed in
+    /// net.ipv4.tcp_allowed_congestion_control, or to root.
+    #[arg(long, default_value_t = LocalCongestion::default(), value_name = "LIST|system")]
+    pub local_congestion: LocalCongestion,
 
     /// Threads driving the load (1: a single-threaded runtime).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -207,6 +218,7 @@ impl BenchArgs {
         cfg.offset = self.offset;
         cfg.size = self.size;
         cfg.fua = self.fua;
+        cfg.local_congestion = self.local_congestion.clone();
         Ok(cfg)
     }
 }

@@ -251,6 +251,7 @@ impl NbdClient {
                         error,
                     })?;
                 stream.set_nodelay(true)?;
+                opts.local_congestion.apply(&stream);
                 Self::from_stream(stream, uri.clone(), opts, |s| s.into_split()).await
             }
             NbdAddr::Unix(path) => {

@@ -2,6 +2,7 @@
 //! `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` when the server does
 //! not know GO). Oldstyle servers are accepted too.
 
+use ballast_proto::congestion::LocalCongestion;
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -21,6 +22,10 @@ pub struct ConnectOptions {
     pub meta_contexts: Vec<String>,
     /// Ask for block size constraints with `NBD_INFO_BLOCK_SIZE`.
     pub request_block_size: bool,
+    /// TCP congestion control of a connection to a server on this host
+    /// (what the client sends, writes, is not paced over loopback; see
+    /// `ballast_proto::congestion`).
+    pub local_congestion: LocalCongestion,
 }
 
 impl Default for ConnectOptions {
@@ -29,6 +34,7 @@ impl Default for ConnectOptions {
             structured_replies: true,
             meta_contexts: vec![proto::BASE_ALLOCATION.to_string()],
             request_block_size: true,
+            local_congestion: LocalCongestion::default(),
         }
     }
 }

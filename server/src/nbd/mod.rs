@@ -6,8 +6,6 @@
 //!   with the client — plus the flat constant names the server uses.
 //! * `handshake`: fixed newstyle option haggling.
 //! * `busy_poll`: waiting for a connection's next request without sleeping.
-//! * `congestion`: a non-pacing TCP congestion control for clients on this
-//!   host.
 //! * `socket_hints`: socket options the request loop reads and sets (where
 //!   the client's packets arrive, a low-water mark for large payloads).
 //! * `transmission`: the pipelined request loop and reply writer.
@@ -16,7 +14,6 @@
 //! * [`memory_export`]: an in-memory export for tests.
 
 mod busy_poll;
-mod congestion;
 pub mod export;
 mod handshake;
 pub mod memory_export;
@@ -25,6 +22,5 @@ pub mod server;
 mod socket_hints;
 mod transmission;
 
-pub use congestion::DEFAULT_LOCAL_CONGESTION;
 pub use export::{Export, ExportCatalog, ExportError, ExportFuture, Extent, Payload};
 pub use server::{NbdConfig, NbdServer};

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ballast_proto::congestion::LocalCongestion;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -72,10 +73,9 @@ pub struct NbdConfig {
     /// sleeps (zero: never). Keeps the vCPU awake for a client that sends
     /// one request at a time; see `busy_poll`.
     pub busy_poll: Duration,
-    /// TCP congestion control algorithms for connections from this host,
-    /// the first one the kernel accepts wins (empty: the system's default
-    /// for all). Loopback has nothing to pace for; see `congestion`.
-    pub local_congestion: Vec<String>,
+    /// TCP congestion control for connections from this host (loopback
+    /// has nothing to pace for; see `ballast_proto::congestion`).
+    pub local_congestion: LocalCongestion,
 }
 
 impl Default for NbdConfig {
@@ -92,10 +92,7 @@ impl Default for NbdConfig {
             extended_headers: true,
             read_buffer: 32 * 1024,
             busy_poll: DEFAULT_BUSY_POLL,
-            local_congestion: super::DEFAULT_LOCAL_CONGESTION
-                .iter()
-                .map(|a| a.to_string())
-                .collect(),
+            local_congestion: LocalCongestion::default(),
         }
     }
 }
@@ -280,7 +277,7 @@ async fn connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(peer = %peer, error = %e, "cannot set TCP_NODELAY");
     }
-    if let Some(algorithm) = super::congestion::choose(&stream, peer, &cfg.local_congestion) {
+    if let Some(algorithm) = cfg.local_congestion.apply(&stream) {
         tracing::debug!(peer = %peer, %algorithm, "local client: TCP congestion control");
     }
     let (rd, mut wr) = stream.into_split();
