@@ -191,8 +191,9 @@ impl ReadCache {
     /// once per pass of eviction stays marked, and with nothing being
     /// evicted no lookup goes block by block. Marking every 8th lookup
     /// instead left runs read less often unmarked: 1 MiB reads, zipf 1.1,
-    /// a cache a quarter of the data, read 17.4% of the bytes from disk
-    /// against 15.1% block by block and 15.5% so (docs/benchmarks.md, session 31).
+    /// a cache a quarter of the data, read 17.4% of the bytes from disk,
+    /// against 15.1% block by block and 15.5% with this rule
+    /// (docs/benchmarks.md, session 31).
     pub fn get_runs(
         &self,
         runs: &[&[BlockKey]],
