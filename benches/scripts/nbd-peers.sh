@@ -23,6 +23,9 @@
 # a cell shows the median with the range: "median (min–max)".
 #
 #   benches/scripts/nbd-peers.sh [WORK_DIR] [SECONDS] [ROUNDS]
+#
+# WORKLOADS replaces the list ("RW BS QD [pinned]" separated by ";"), e.g.
+# WORKLOADS="randread 4k 1;write 1m 8 pinned" to repeat the noisy rows.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 work=${1:-/var/tmp/ballast-peers}
@@ -83,7 +86,7 @@ t=sys.stdin.read(); d=json.loads(t[t.index("{"):])["jobs"][0]
 print("%.0f %.0f" % (d["read"]["iops"]+d["write"]["iops"], (d["read"]["bw_bytes"]+d["write"]["bw_bytes"])/1e6))'
   if [ "${5:-}" = pinned ]; then taskset -a -p -c 0-$(($(nproc) - 1)) "${spid[$1]}" >/dev/null; fi
 }
-workloads=("randread 4k 32" "randwrite 4k 32" "randread 4k 1" "randread 4k 1 pinned" "read 1m 8" "write 1m 8" "write 1m 8 pinned")
+IFS=';' read -r -a workloads <<<"${WORKLOADS:-randread 4k 32;randwrite 4k 32;randread 4k 1;randread 4k 1 pinned;read 1m 8;write 1m 8;write 1m 8 pinned}"
 printf '| workload |'; for t in "${targets[@]}"; do printf ' %s |' "$t"; done; echo
 printf '|---'; for _ in "${targets[@]}"; do printf '|---'; done; echo '|'
 # "v1 v2 ..." -> "median" or "median (min–max)"
