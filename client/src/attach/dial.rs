@@ -1,14 +1,17 @@
-//! Opening NBD connections for attachments: TCP with `TCP_NODELAY`,
-//! keepalive (so a vanished host is noticed in about half a minute even when
-//! no request is waiting) and, to a server on this host, a non-pacing
-//! congestion control ([`ConnectOptions::local_congestion`]), negotiated either into an [`NbdClient`] (FUSE) or
-//! left as a raw socket in transmission mode for the kernel.
+//! Opening NBD connections for attachments: TCP as every client opens it
+//! ([`connect_tcp`]: `TCP_NODELAY`, a non-pacing congestion control to a
+//! server on this host) plus keepalive (so a vanished host is noticed in
+//! about half a minute even when no request is waiting), negotiated either
+//! into an [`NbdClient`] (FUSE) or left as a raw socket in transmission mode
+//! for the kernel.
 
 use std::os::fd::AsRawFd;
 
 use tokio::net::TcpStream;
 
-use crate::nbd::{negotiate, ConnectOptions, NbdAddr, NbdClient, NbdError, NbdUri, Negotiated};
+use crate::nbd::{
+    connect_tcp, negotiate, ConnectOptions, NbdAddr, NbdClient, NbdError, NbdUri, Negotiated,
+};
 
 /// Seconds of silence before the first keepalive probe.
 const KEEPALIVE_IDLE_SECS: libc::c_int = 10;
@@ -31,17 +34,9 @@ fn setsockopt_int(fd: libc::c_int, level: libc::c_int, name: libc::c_int, value:
     };
 }
 
-/// A TCP connection to `host:port` with `TCP_NODELAY`, keepalive and the
-/// congestion control `opts` asks for set.
+/// [`connect_tcp`] with keepalive set.
 pub async fn tcp(host: &str, port: u16, opts: &ConnectOptions) -> Result<TcpStream, NbdError> {
-    let stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|error| NbdError::Connect {
-            addr: format!("{host}:{port}"),
-            error,
-        })?;
-    stream.set_nodelay(true)?;
-    opts.local_congestion.apply(&stream);
+    let stream = connect_tcp(host, port, opts).await?;
     let fd = stream.as_raw_fd();
     // Keepalive tuning is best effort: without it the connection still
     // works, a dead host is only noticed later.

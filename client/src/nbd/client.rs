@@ -232,6 +232,28 @@ impl std::fmt::Debug for NbdClient {
     }
 }
 
+/// A TCP connection to `host:port` with `TCP_NODELAY` and, to a server on
+/// this host, the congestion control `opts` asks for.
+pub async fn connect_tcp(
+    host: &str,
+    port: u16,
+    opts: &ConnectOptions,
+) -> Result<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|error| NbdError::Connect {
+            addr: NbdAddr::Tcp {
+                host: host.to_string(),
+                port,
+            }
+            .to_string(),
+            error,
+        })?;
+    stream.set_nodelay(true)?;
+    opts.local_congestion.apply(&stream);
+    Ok(stream)
+}
+
 impl NbdClient {
     /// Connect to `nbd://HOST[:PORT]/EXPORT` (or `nbd+unix:///EXPORT?socket=PATH`)
     /// with default options: structured replies and `base:allocation`.
@@ -244,14 +266,7 @@ impl NbdClient {
     pub async fn connect_with(uri: &NbdUri, opts: &ConnectOptions) -> Result<NbdClient> {
         match &uri.addr {
             NbdAddr::Tcp { host, port } => {
-                let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(|error| NbdError::Connect {
-                        addr: uri.addr.to_string(),
-                        error,
-                    })?;
-                stream.set_nodelay(true)?;
-                opts.local_congestion.apply(&stream);
+                let stream = connect_tcp(host, *port, opts).await?;
                 Self::from_stream(stream, uri.clone(), opts, |s| s.into_split()).await
             }
             NbdAddr::Unix(path) => {

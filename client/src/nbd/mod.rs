@@ -37,7 +37,7 @@ mod uri;
 mod tests;
 
 pub use ballast_proto::nbd as proto;
-pub use client::{Extent, NbdClient};
+pub use client::{connect_tcp, Extent, NbdClient};
 pub use error::{NbdErrno, NbdError, Result};
 pub use handshake::{negotiate, BlockSizes, ConnectOptions, Negotiated};
 pub use proto::{server_greeting, TransmissionFlags};
