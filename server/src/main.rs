@@ -8,11 +8,11 @@ fn main() -> std::process::ExitCode {
     ballast_server::allocator::configure();
     let args = ballast_server::daemon::Args::parse();
     ballast_server::daemon::init_logging(args.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ballastd")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.workers.count() {
+        builder.worker_threads(n);
+    }
+    let rt = match builder.enable_all().thread_name("ballastd").build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
