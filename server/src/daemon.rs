@@ -201,11 +201,13 @@ impl std::str::FromStr for Workers {
         if s.eq_ignore_ascii_case("auto") {
             return Ok(Workers::Auto);
         }
-        match s.parse::<usize>() {
-            Ok(n @ 1..=MAX_WORKERS) => Ok(Workers::Count(NonZeroUsize::new(n).expect("n >= 1"))),
-            Ok(_) => Err(format!("must be between 1 and {MAX_WORKERS} (or `auto`)")),
-            Err(e) => Err(format!("{e} (a whole number of threads, or `auto`)")),
-        }
+        let n = s
+            .parse::<usize>()
+            .map_err(|e| format!("{e} (a whole number of threads, or `auto`)"))?;
+        NonZeroUsize::new(n)
+            .filter(|n| n.get() <= MAX_WORKERS)
+            .map(Workers::Count)
+            .ok_or_else(|| format!("must be between 1 and {MAX_WORKERS} (or `auto`)"))
     }
 }
 
