@@ -116,6 +116,10 @@ impl Export for VolumeExport {
         self.vol.size()
     }
 
+    fn start_together(&self, poll: &mut dyn FnMut()) {
+        ballast_engine::io::hold_submissions(poll)
+    }
+
     fn block_size(&self) -> u32 {
         self.vol.block_size()
     }

@@ -6,7 +6,10 @@
 //! starts before `read_at` returns. Only one submitter enters the kernel at a
 //! time: one that finds another already inside just leaves its SQE in the
 //! queue, and the one inside goes round again before it lets go, so a burst
-//! of submissions from many threads costs few syscalls.
+//! of submissions from many threads costs few syscalls. A caller about to
+//! start a burst of I/O from one thread can hold its submissions
+//! ([`hold_submissions`]): they are queued, and the kernel is entered once
+//! for all of them when the hold ends.
 //!
 //! The ring has an eventfd registered, which the kernel signals with every
 //! completion. Inside a multi-thread tokio runtime a small reaper task waits
@@ -152,7 +155,12 @@ impl UringBackend {
         st.next_seq += 1;
         let key = st.slab.insert(InFlight { req, done: 0, seq });
         st.ready.push_back(key);
-        shared.pump(st);
+        if HOLDING.get() {
+            drop(st);
+            shared.hold();
+        } else {
+            shared.pump(st);
+        }
         // The reaper task may have gone with its runtime between
         // `ensure_reaper` and the insert above, having found no I/O to hand
         // to a thread (see `Handover`): then nothing would wake this
@@ -418,6 +426,17 @@ impl Shared {
         finish_all(&mut done);
     }
 
+    /// Leaves this thread's queued requests for the end of the current
+    /// [`hold_submissions`], which pumps once for all of them.
+    fn hold(self: &Arc<Self>) {
+        let previous = HELD.replace(Some(self.clone()));
+        // A second backend on one thread (tests have several): the first
+        // one's requests go now, so none waits for a flush that forgot it.
+        if let Some(other) = previous.filter(|p| !Arc::ptr_eq(p, self)) {
+            other.pump(other.state.lock());
+        }
+    }
+
     fn sq_len(&self) -> usize {
         // SAFETY: only called with `state` locked, which serialises every
         // user of the SQ (the kernel is its only other party).
@@ -652,7 +671,34 @@ async fn reap_task(afd: AsyncFd<EventFd>, handover: Handover) {
     }
 }
 
+/// Runs `f` with this thread's submissions held back: requests are queued
+/// as usual, and the kernel is entered once, when `f` returns (or unwinds),
+/// for all of them. Nested calls flush at the end of the outermost one.
+pub(super) fn hold_submissions<R>(f: impl FnOnce() -> R) -> R {
+    struct Release {
+        outer: bool,
+    }
+    impl Drop for Release {
+        fn drop(&mut self) {
+            HOLDING.set(self.outer);
+            if !self.outer {
+                if let Some(shared) = HELD.take() {
+                    shared.pump(shared.state.lock());
+                }
+            }
+        }
+    }
+    let _release = Release {
+        outer: HOLDING.replace(true),
+    };
+    f()
+}
+
 thread_local! {
+    /// Inside [`hold_submissions`] on this thread.
+    static HOLDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The backend whose requests wait for the end of the hold.
+    static HELD: std::cell::Cell<Option<Arc<Shared>>> = const { std::cell::Cell::new(None) };
     /// `ensure_reaper` is spawning a reaper task with the reaper lock held.
     /// A runtime that is shutting down drops the task right inside `spawn`;
     /// its `Handover` then leaves the fallback to the spawner, which sees
@@ -899,6 +945,86 @@ mod tests {
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("I/O stalled"),
         }
+    }
+
+    /// Requests started inside a hold all reach the kernel when it ends:
+    /// from a task (the NBD reader's case), nested, across two rings, when
+    /// the holding closure panics, and on a plain thread whose blocking
+    /// wait inside the hold has to submit the held request itself.
+    #[test]
+    fn held_submissions_all_start() {
+        use super::super::hold_submissions;
+        use std::future::Future;
+        use std::pin::Pin;
+
+        let (Some(io), Some(other)) = (uring(), uring()) else {
+            return;
+        };
+        within(60, move || {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = io.open_disk(&dir.path().join("d"), Some(1 << 20)).unwrap();
+            let disk2 = other
+                .open_disk(&dir.path().join("e"), Some(1 << 20))
+                .unwrap();
+            type Read = Pin<Box<dyn Future<Output = (AlignedBuf, std::io::Result<()>)> + Send>>;
+            let reads = |d: &Arc<dyn DiskIo>, blocks: std::ops::Range<u64>| -> Vec<(u64, Read)> {
+                blocks
+                    .map(|i| (i * 4096, d.read_at(AlignedBuf::zeroed(4096), i * 4096)))
+                    .collect()
+            };
+            async fn check(reads: Vec<(u64, Read)>, tag: u64) {
+                for (off, r) in reads {
+                    let (buf, res) = r.await;
+                    res.unwrap();
+                    assert!(buf[..] == block(4096, tag, off)[..], "block at {off}");
+                }
+            }
+            let rt = two_workers();
+            rt.block_on(async {
+                for (d, tag) in [(&disk, 1), (&disk2, 2)] {
+                    for i in 0..64 {
+                        d.write_at(block(4096, tag, i * 4096), i * 4096)
+                            .await
+                            .1
+                            .unwrap();
+                    }
+                }
+            });
+            // Each case starts with both rings idle, so a held request
+            // that nothing submits would wait forever: no completion is
+            // coming to make anyone look at the queue.
+            let (d1, d2) = (disk.clone(), disk2.clone());
+            rt.block_on(rt.spawn(async move {
+                let a = hold_submissions(|| reads(&d1, 0..20));
+                check(a, 1).await;
+                let (a, b) = hold_submissions(|| {
+                    let a = hold_submissions(|| reads(&d1, 0..10));
+                    (a, reads(&d1, 10..20))
+                });
+                check(a, 1).await;
+                check(b, 1).await;
+                let (a, b) = hold_submissions(|| (reads(&d1, 0..20), reads(&d2, 0..20)));
+                check(a, 1).await;
+                check(b, 2).await;
+            }))
+            .unwrap();
+            // A panic inside the hold still submits what was queued.
+            let d1 = disk.clone();
+            let queued = std::sync::Mutex::new(Vec::new());
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                hold_submissions(|| {
+                    queued.lock().unwrap().extend(reads(&d1, 40..64));
+                    panic!("inside the hold");
+                })
+            }));
+            assert!(caught.is_err());
+            rt.block_on(check(queued.into_inner().unwrap(), 1));
+            // A plain thread blocking on its own held read.
+            let d1 = disk.clone();
+            hold_submissions(|| {
+                futures::executor::block_on(check(reads(&d1, 0..1), 1));
+            });
+        });
     }
 
     /// No runtime anywhere: completions come from the helper thread, and

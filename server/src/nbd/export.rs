@@ -215,6 +215,14 @@ pub trait Export: Send + Sync + 'static {
 
     /// Prefetch hint.
     fn cache(&self, offset: u64, len: u64) -> ExportFuture<()>;
+
+    /// Runs `poll`, one turn of a connection's request loop, which may start
+    /// several requests. An export whose backend can start a burst of I/O
+    /// together for less than one at a time (the engine's io_uring ring)
+    /// wraps it so; the default just runs it.
+    fn start_together(&self, poll: &mut dyn FnMut()) {
+        poll()
+    }
 }
 
 /// The set of exports a server offers.
