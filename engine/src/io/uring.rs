@@ -953,9 +953,7 @@ mod tests {
     /// wait inside the hold has to submit the held request itself.
     #[test]
     fn held_submissions_all_start() {
-        use super::super::hold_submissions;
-        use std::future::Future;
-        use std::pin::Pin;
+        use super::super::{hold_submissions, IoFuture};
 
         let (Some(io), Some(other)) = (uring(), uring()) else {
             return;
@@ -966,7 +964,7 @@ mod tests {
             let disk2 = other
                 .open_disk(&dir.path().join("e"), Some(1 << 20))
                 .unwrap();
-            type Read = Pin<Box<dyn Future<Output = (AlignedBuf, std::io::Result<()>)> + Send>>;
+            type Read = IoFuture<(AlignedBuf, std::io::Result<()>)>;
             let reads = |d: &Arc<dyn DiskIo>, blocks: std::ops::Range<u64>| -> Vec<(u64, Read)> {
                 blocks
                     .map(|i| (i * 4096, d.read_at(AlignedBuf::zeroed(4096), i * 4096)))

@@ -223,12 +223,19 @@ where
         busy_poll: BusyPoll::new(cfg.busy_poll),
         max_in_flight,
     };
+    // Each poll of the request loop decodes and starts every request one
+    // socket read brought in; the export may start their I/O together
+    // (see [`Export::start_together`]).
     let export = r.export.clone();
-    let end = Together {
-        export: &*export,
-        fut: std::pin::pin!(r.run()),
-    }
-    .await;
+    let end = {
+        let mut run = std::pin::pin!(r.run());
+        std::future::poll_fn(|cx| {
+            let mut out = Poll::Pending;
+            export.start_together(&mut || out = run.as_mut().poll(cx));
+            out
+        })
+        .await
+    };
     let dirty = r.dirty;
     drop(r); // drops our reply sender: the writer ends after the last in-flight reply
 
@@ -245,27 +252,6 @@ where
         Err(e) => tracing::warn!(peer = %peer, error = %e, "reply writer task failed"),
     }
     Closed { dirty }
-}
-
-/// The request loop, each of whose polls the export may wrap (see
-/// [`Export::start_together`]): one poll decodes and starts every request
-/// that one socket read brought in, whose I/O can then go to the disk in
-/// one go.
-struct Together<'a, F> {
-    export: &'a dyn Export,
-    fut: std::pin::Pin<&'a mut F>,
-}
-
-impl<F: Future> Future for Together<'_, F> {
-    type Output = F::Output;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = &mut *self;
-        let mut out = Poll::Pending;
-        this.export
-            .start_together(&mut || out = this.fut.as_mut().poll(cx));
-        out
-    }
 }
 
 /// The connection's reply writer, aborted when this is dropped.
